@@ -1,0 +1,2 @@
+# Generated from proto/ by scripts/gen_protos.py (make proto). DO NOT EDIT.
+"""Generated protobuf code."""
