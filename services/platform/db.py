@@ -31,7 +31,9 @@ def parse_database_url(url: str) -> URL:
     try:
         parsed = make_url(url)
     except ArgumentError as exc:
-        raise DatabaseUrlError(f"{url!r} is not a database URL (expected sqlite:///PATH or postgresql+psycopg://...)") from exc
+        raise DatabaseUrlError(
+            f"{url!r} is not a database URL (expected sqlite:///PATH or postgresql+psycopg://...)"
+        ) from exc
     backend = parsed.get_backend_name()
     if backend == "sqlite":
         return parsed

@@ -16,7 +16,9 @@ depends_on = None
 def upgrade() -> None:
     op.create_table(
         "outbox",
-        sa.Column("seq", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True, autoincrement=True),
+        sa.Column(
+            "seq", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True, autoincrement=True
+        ),
         sa.Column("event_id", sa.String(64), nullable=False, unique=True),
         sa.Column("subject", sa.String(255), nullable=False),
         sa.Column("payload", sa.LargeBinary(), nullable=False),
