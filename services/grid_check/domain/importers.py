@@ -271,7 +271,7 @@ def matpower_to_grid(case: MatpowerCase, options: ImportOptions | None = None) -
         node_of_bus[str(number)] = node_id
         node: dict[str, Any] = {"id": node_id}
         if case.bus_names is not None and case.bus_names[row_no - 1]:
-            node["name"] = case.bus_names[row_no - 1]
+            node["name"] = " ".join(case.bus_names[row_no - 1].split())
         if row[_BASE_KV] > 0:
             node["vn_kv"] = row[_BASE_KV]
         nodes.append(node)
@@ -468,7 +468,9 @@ def _table(net: Mapping[str, Any], name: str) -> Table:
     return value if isinstance(value, Table) else Table(name, ())
 
 
-def pandapower_to_grid(net: Mapping[str, Any], options: ImportOptions | None = None) -> ImportedNetwork:
+def pandapower_to_grid(
+    net: Mapping[str, Any], options: ImportOptions | None = None, *, source_name: str = ""
+) -> ImportedNetwork:
     """Map parsed pandapower tables onto the grid YAML form (see the module docstring for the rules)."""
     options = options or ImportOptions()
     notes: list[str] = []
@@ -632,7 +634,7 @@ def pandapower_to_grid(net: Mapping[str, Any], options: ImportOptions | None = N
     notes.extend(_check_phase_shifts(lines, shifts))
     slack_nodes = sorted({node_of_bus[str(b)] for b in slack_buses})
     slack = _choose_slack(slack_nodes, options, rule="an in-service ext_grid (or a gen with slack=True)")
-    net_name = net.get("name")
+    net_name = net.get("name") or source_name
     return ImportedNetwork(
         grid=_grid_dict(
             nodes=nodes,
@@ -788,7 +790,7 @@ def import_pandapower(path: str | Path, options: ImportOptions | None = None) ->
     """Read a pandapower JSON export and map it onto the grid YAML form."""
     text = Path(path).read_text(encoding="utf-8")
     try:
-        return pandapower_to_grid(parse_pandapower_json(text), options)
+        return pandapower_to_grid(parse_pandapower_json(text), options, source_name=Path(path).name)
     except NetworkImportError as exc:
         raise NetworkImportError(f"{path}: {exc}") from None
 

@@ -89,7 +89,7 @@ class FlowModel:
             raise InvalidArgument(
                 f"injections sum to {total_w:.3f} W; they must sum to zero within {BALANCE_TOLERANCE_W:g} W "
                 "(or let the slack node balance them)",
-                field="injection_w",
+                field="injections",
             )
         return vector
 
