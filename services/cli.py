@@ -59,8 +59,19 @@ def build_parser() -> argparse.ArgumentParser:
         register_bench = getattr(module, "register_bench", None)
         if register_bench is not None:
             register_bench(benches)
+    registered = sorted(benches.choices)
+    run_all = benches.add_parser("all", help="run every benchmark above with its defaults")
+    run_all.set_defaults(func=lambda _args: _run_all_benchmarks(registered))
     parser.set_defaults(func=lambda _args: _print_help(parser))
     return parser
+
+
+def _run_all_benchmarks(names: list[str]) -> int:
+    worst = 0
+    for name in names:
+        print(f"# p2pgrid bench {name}", file=sys.stderr, flush=True)
+        worst = max(worst, main(["bench", name]))
+    return worst
 
 
 def _print_help(parser: argparse.ArgumentParser) -> int:

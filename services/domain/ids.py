@@ -25,7 +25,8 @@ def new_id() -> str:
             _seq += 1
         else:
             _last_ms = now_ms
-            _seq = int.from_bytes(os.urandom(4), "big") >> 8
+            # A random start within the lower half of the counter leaves room to count up.
+            _seq = int.from_bytes(os.urandom(3), "big") >> 1
         value = (now_ms << 80) | (_seq << 56) | int.from_bytes(os.urandom(7), "big")
     return _b32(value, 26)
 

@@ -98,7 +98,8 @@ def record_in_inbox(conn: Connection, consumer: str, event_id: str) -> bool:
         stmt: Any = postgresql.insert(inbox_table).values(**values).on_conflict_do_nothing()
     else:
         stmt = sqlite.insert(inbox_table).values(**values).on_conflict_do_nothing()
-    return bool(conn.execute(stmt).rowcount == 1)
+    # RETURNING is exact on both databases, where rowcount is not always reported for upserts.
+    return conn.execute(stmt.returning(inbox_table.c.event_id)).first() is not None
 
 
 class OutboxRelay:

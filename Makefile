@@ -1,0 +1,37 @@
+# Thin named wrappers; the README explains each. Everything runs from the project's own virtual environment.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup run test lint typecheck proto bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+run: setup
+	$(BIN)/p2pgrid up
+
+test: setup lint typecheck
+	$(BIN)/pytest
+
+lint: setup
+	$(BIN)/ruff check services tests scripts examples loadtest
+	$(BIN)/ruff format --check services tests scripts examples loadtest
+
+typecheck: setup
+	$(BIN)/mypy
+
+proto: setup
+	$(BIN)/python scripts/gen_protos.py
+
+bench: setup
+	$(BIN)/p2pgrid bench all
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
