@@ -551,6 +551,8 @@ def pandapower_to_grid(
     shifts: list[_Shift] = []
     skipped = 0
 
+    all_buses = {index for index, _ in buses.rows}
+
     def node_for(bus_value: Any, *, where: str, role: str) -> str | None:
         bus = _number(bus_value)
         if not math.isfinite(bus):
@@ -558,7 +560,7 @@ def pandapower_to_grid(
         bus_index = int(bus)
         if bus_index in vn_kv:
             return node_of_bus[str(bus_index)]
-        if any(index == bus_index for index, _ in buses.rows):
+        if bus_index in all_buses:
             return None  # an out-of-service bus: the element goes with it
         # Unknown buses are passed through so that the grid's validation names them.
         return f"bus{bus_index}"

@@ -20,7 +20,7 @@ def test_flows_on_the_shipped_feeder_names_the_overloaded_house_connection() -> 
             "--grid",
             str(GRIDS / "lv_feeder.yaml"),
             "--injections",
-            str(GRIDS / "lv_feeder_noon.csv"),
+            str(GRIDS / "examples" / "lv_feeder_noon.csv"),
             "--slack-balances",
             "--fail-on-violation",
         ],

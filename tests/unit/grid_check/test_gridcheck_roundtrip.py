@@ -14,8 +14,9 @@ import numpy.typing as npt
 import pytest
 
 from services.domain.grid import grid_from_dict, grid_to_dict, load_grid
-from services.grid_check.domain.gridfile import dump_grid_yaml, flow_model_of
+from services.grid_check.domain.gridfile import dump_grid_yaml, flow_model_of, load_limits_yaml
 from services.grid_check.domain.importers import ImportedNetwork, import_matpower, import_pandapower
+from services.grid_check.domain.limits import effective_limits
 
 GRIDS = Path(__file__).resolve().parents[3] / "deploy" / "grids"
 SOURCES = GRIDS / "sources"
@@ -77,3 +78,13 @@ def test_the_low_voltage_feeder_is_radial_with_a_few_dozen_households() -> None:
 
 def test_the_medium_voltage_example_is_meshed() -> None:
     assert not load_grid(GRIDS / "cigre_mv_meshed.yaml").is_radial
+
+
+def test_the_example_limits_apply_to_the_feeder_interval_by_interval() -> None:
+    model = flow_model_of(load_grid(GRIDS / "lv_feeder.yaml"))
+    schedule = load_limits_yaml(GRIDS / "examples" / "lv_feeder_limits.yaml", ratings_w=model.ratings_w)
+    during = effective_limits(model.ratings_w, schedule, 1_799_312_400)  # 2027-01-07 09:00 UTC
+    after = effective_limits(model.ratings_w, schedule, 1_799_337_600)  # 16:00, maintenance over
+    assert during["A-cable3"].capacity_w == 0
+    assert after["A-cable3"].capacity_w == model.ratings_w["A-cable3"]
+    assert after["trafo"].capacity_w == 440_000
