@@ -224,7 +224,9 @@ def parse_matpower(text: str) -> MatpowerCase:
     if not isinstance(bus, tuple) or not isinstance(branch, tuple):
         raise NetworkImportError("mpc.bus and mpc.branch must be matrices")
     if bus and len(bus[0]) <= _BASE_KV:
-        raise NetworkImportError(f"mpc.bus has {len(bus[0])} columns; MATPOWER buses have at least 13")
+        raise NetworkImportError(
+            f"mpc.bus has {len(bus[0])} columns; reading it needs at least 10 (bus_i .. baseKV)"
+        )
     if branch and len(branch[0]) <= _BR_STATUS:
         raise NetworkImportError(
             f"mpc.branch has {len(branch[0])} columns; MATPOWER branches have at least 11"
