@@ -40,6 +40,21 @@ class OrderBookStub:
                 request_serializer=p2pgrid_dot_orderbook_dot_v1_dot_order__book__pb2.RegisterParticipantRequest.SerializeToString,
                 response_deserializer=p2pgrid_dot_orderbook_dot_v1_dot_order__book__pb2.Participant.FromString,
                 _registered_method=True)
+        self.GetParticipant = channel.unary_unary(
+                '/p2pgrid.orderbook.v1.OrderBook/GetParticipant',
+                request_serializer=p2pgrid_dot_orderbook_dot_v1_dot_order__book__pb2.GetParticipantRequest.SerializeToString,
+                response_deserializer=p2pgrid_dot_orderbook_dot_v1_dot_order__book__pb2.Participant.FromString,
+                _registered_method=True)
+        self.RegisterMeter = channel.unary_unary(
+                '/p2pgrid.orderbook.v1.OrderBook/RegisterMeter',
+                request_serializer=p2pgrid_dot_orderbook_dot_v1_dot_order__book__pb2.RegisterMeterRequest.SerializeToString,
+                response_deserializer=p2pgrid_dot_orderbook_dot_v1_dot_order__book__pb2.Meter.FromString,
+                _registered_method=True)
+        self.ListMeters = channel.unary_unary(
+                '/p2pgrid.orderbook.v1.OrderBook/ListMeters',
+                request_serializer=p2pgrid_dot_orderbook_dot_v1_dot_order__book__pb2.ListMetersRequest.SerializeToString,
+                response_deserializer=p2pgrid_dot_orderbook_dot_v1_dot_order__book__pb2.ListMetersResponse.FromString,
+                _registered_method=True)
         self.PlaceOrder = channel.unary_unary(
                 '/p2pgrid.orderbook.v1.OrderBook/PlaceOrder',
                 request_serializer=p2pgrid_dot_orderbook_dot_v1_dot_order__book__pb2.PlaceOrderRequest.SerializeToString,
@@ -87,6 +102,29 @@ class OrderBookServicer:
 
     def RegisterParticipant(self, request, context):
         """Registers an Ed25519 public key at a grid node; the participant id is derived from the key.
+        A caller registers its own key (proof of possession: the token is signed by that key);
+        an operator may register any key. A repeat with the same node returns the participant.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetParticipant(self, request, context):
+        """The caller itself (empty id), or for an operator any participant.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RegisterMeter(self, request, context):
+        """Operators only: attaches a meter to a participant and node, for settlement.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListMeters(self, request, context):
+        """The caller's meters; an operator sees every meter.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -131,13 +169,15 @@ class OrderBookServicer:
         raise NotImplementedError('Method not implemented!')
 
     def StreamFills(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """The caller's fills, from `after_fill_seq` on, then live as intervals clear.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def StreamMarketData(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Public market data: intervals opening, closing at gate closure, and cleared.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -149,6 +189,21 @@ def add_OrderBookServicer_to_server(servicer, server):
                     servicer.RegisterParticipant,
                     request_deserializer=p2pgrid_dot_orderbook_dot_v1_dot_order__book__pb2.RegisterParticipantRequest.FromString,
                     response_serializer=p2pgrid_dot_orderbook_dot_v1_dot_order__book__pb2.Participant.SerializeToString,
+            ),
+            'GetParticipant': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetParticipant,
+                    request_deserializer=p2pgrid_dot_orderbook_dot_v1_dot_order__book__pb2.GetParticipantRequest.FromString,
+                    response_serializer=p2pgrid_dot_orderbook_dot_v1_dot_order__book__pb2.Participant.SerializeToString,
+            ),
+            'RegisterMeter': grpc.unary_unary_rpc_method_handler(
+                    servicer.RegisterMeter,
+                    request_deserializer=p2pgrid_dot_orderbook_dot_v1_dot_order__book__pb2.RegisterMeterRequest.FromString,
+                    response_serializer=p2pgrid_dot_orderbook_dot_v1_dot_order__book__pb2.Meter.SerializeToString,
+            ),
+            'ListMeters': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListMeters,
+                    request_deserializer=p2pgrid_dot_orderbook_dot_v1_dot_order__book__pb2.ListMetersRequest.FromString,
+                    response_serializer=p2pgrid_dot_orderbook_dot_v1_dot_order__book__pb2.ListMetersResponse.SerializeToString,
             ),
             'PlaceOrder': grpc.unary_unary_rpc_method_handler(
                     servicer.PlaceOrder,
@@ -218,6 +273,87 @@ class OrderBook:
             '/p2pgrid.orderbook.v1.OrderBook/RegisterParticipant',
             p2pgrid_dot_orderbook_dot_v1_dot_order__book__pb2.RegisterParticipantRequest.SerializeToString,
             p2pgrid_dot_orderbook_dot_v1_dot_order__book__pb2.Participant.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetParticipant(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/p2pgrid.orderbook.v1.OrderBook/GetParticipant',
+            p2pgrid_dot_orderbook_dot_v1_dot_order__book__pb2.GetParticipantRequest.SerializeToString,
+            p2pgrid_dot_orderbook_dot_v1_dot_order__book__pb2.Participant.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RegisterMeter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/p2pgrid.orderbook.v1.OrderBook/RegisterMeter',
+            p2pgrid_dot_orderbook_dot_v1_dot_order__book__pb2.RegisterMeterRequest.SerializeToString,
+            p2pgrid_dot_orderbook_dot_v1_dot_order__book__pb2.Meter.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListMeters(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/p2pgrid.orderbook.v1.OrderBook/ListMeters',
+            p2pgrid_dot_orderbook_dot_v1_dot_order__book__pb2.ListMetersRequest.SerializeToString,
+            p2pgrid_dot_orderbook_dot_v1_dot_order__book__pb2.ListMetersResponse.FromString,
             options,
             channel_credentials,
             insecure,
