@@ -1,0 +1,620 @@
+"""Settlement of one delivery interval: from a clearing result and metered energy to ledger transfers.
+
+Rules (each amount is exact: energy_wh × price_micro_per_kwh = amount_nano):
+
+- Trades, at node prices. For every bilateral trade the buyer pays the market
+  `energy_wh × price(buyer node)` (code `trade.purchase`) and the market pays
+  the seller `energy_wh × price(seller node)` (`trade.sale`). Trades of the
+  same buyer, seller and nodes in one interval are settled as one.
+- Congestion rent. What the market keeps, Σ purchases − Σ sales, goes to the
+  grid operator (`congestion_rent`; the other way if negative), so the market
+  account is back at zero after every interval.
+- Grid fees. Per Wh traded, paid by the buyer (or the seller, per the rules)
+  to the grid operator (`grid_fee`), at the same-node rate when both sides
+  are at one node, the same-feeder rate when both nodes are on one feeder,
+  else the full rate. The utility pays no grid fee.
+- Deviations. Each participant's metered net energy (import − export) is
+  compared with its contracted net energy (bought − sold). A shortfall is
+  bought from the utility at the retail tariff, a surplus sold to the utility
+  at the feed-in tariff (`deviation`).
+- Missing meter data is settled on an estimate (by default: as contracted, so
+  no deviation) and the transfers are flagged FLAG_ESTIMATED. When measured
+  data arrives, the interval is settled again as a new revision that books
+  only the differences, as correcting transfers (FLAG_CORRECTION).
+
+Transfer ids are derived from (market, interval, revision, rule, parties),
+so settling the same interval from the same inputs always yields the same
+transfers, and a settlement that is repeated changes nothing.
+
+Meter data for an interval only ever improves: missing < estimated <
+measured. A delivery of lower or equal quality than what was settled is
+ignored (redeliveries in any order are harmless); measured data that
+contradicts earlier measured data is a conflict and is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from enum import IntEnum, StrEnum
+from typing import Any, NamedTuple
+
+import yaml
+
+from services.domain.intervals import DEFAULT_INTERVAL_S, Interval
+from services.ledger.domain.ledger import (
+    ACCOUNT_NAME_PATTERN,
+    FLAG_CORRECTION,
+    FLAG_ESTIMATED,
+    MAX_AMOUNT_NANO,
+    AccountKind,
+    LedgerError,
+    Transfer,
+    account_id,
+)
+
+NODE_PATTERN = r"[A-Za-z0-9._\-]{1,64}"
+_NODE_RE = re.compile(NODE_PATTERN)
+_NAME_RE = re.compile(ACCOUNT_NAME_PATTERN)
+MAX_ENERGY_WH = 10**12
+MAX_PRICE_MICRO_PER_KWH = 10**9
+
+CODE_PURCHASE = "trade.purchase"
+CODE_SALE = "trade.sale"
+CODE_GRID_FEE = "grid_fee"
+CODE_CONGESTION_RENT = "congestion_rent"
+CODE_DEVIATION = "deviation"
+
+
+class SettlementInputError(ValueError):
+    """Settlement input that breaks a rule; the message names the field or row and the rule."""
+
+
+class SettlementConflictError(LedgerError, ValueError):
+    """Input that contradicts what was already settled for the interval (another clearing, other measured data)."""
+
+
+class RulesError(ValueError):
+    """Settlement rules that cannot be used; the message names the field."""
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+@dataclass(frozen=True, slots=True)
+class Trade:
+    """A bilateral match of the clearing: `energy_wh` from the seller (at its node) to the buyer (at its node)."""
+
+    buyer_id: str
+    buyer_node: str
+    seller_id: str
+    seller_node: str
+    energy_wh: int
+
+
+@dataclass(frozen=True, slots=True)
+class AcceptedEnergy:
+    """What one participant's orders got in the clearing, in total."""
+
+    participant_id: str
+    bought_wh: int
+    sold_wh: int
+
+
+@dataclass(frozen=True, slots=True)
+class ClearingResult:
+    """The part of a clearing result that settlement needs."""
+
+    market_id: str
+    interval_start_s: int
+    node_prices_micro_per_kwh: Mapping[str, int]
+    trades: tuple[Trade, ...]
+    accepted: tuple[AcceptedEnergy, ...]
+    interval_s: int = DEFAULT_INTERVAL_S
+
+    def digest(self) -> str:
+        """SHA-256 (hex) of a canonical form that does not depend on the order of rows."""
+        canonical = {
+            "market_id": self.market_id,
+            "interval_start_s": self.interval_start_s,
+            "interval_s": self.interval_s,
+            "node_prices": sorted(self.node_prices_micro_per_kwh.items()),
+            "trades": sorted(
+                (t.buyer_id, t.buyer_node, t.seller_id, t.seller_node, t.energy_wh) for t in self.trades
+            ),
+            "accepted": sorted((a.participant_id, a.bought_wh, a.sold_wh) for a in self.accepted),
+        }
+        return hashlib.sha256(json.dumps(canonical, separators=(",", ":")).encode()).hexdigest()
+
+
+class MeterQuality(IntEnum):
+    """How good a participant's interval energy is; settlement only ever moves up this scale."""
+
+    MISSING = 0
+    """Nothing arrived by the metering deadline: the ledger's own estimate."""
+    ESTIMATED = 1
+    """Estimated by the metering service (validation, editing and estimation)."""
+    MEASURED = 2
+
+
+@dataclass(frozen=True, slots=True)
+class MeterEnergy:
+    """A participant's metered energy in one interval, import and export separately."""
+
+    participant_id: str
+    import_wh: int
+    export_wh: int
+    quality: MeterQuality = MeterQuality.MEASURED
+
+
+@dataclass(frozen=True, slots=True)
+class SettlementInputs:
+    clearing: ClearingResult
+    meter_energy: tuple[MeterEnergy, ...]
+
+    @property
+    def market_id(self) -> str:
+        return self.clearing.market_id
+
+    @property
+    def interval_start_s(self) -> int:
+        return self.clearing.interval_start_s
+
+    def to_json(self) -> dict[str, Any]:
+        """The recorded form: plain JSON with integer units."""
+        c = self.clearing
+        return {
+            "market_id": c.market_id,
+            "interval_start_s": c.interval_start_s,
+            "interval_s": c.interval_s,
+            "node_prices_micro_per_kwh": dict(sorted(c.node_prices_micro_per_kwh.items())),
+            "trades": [[t.buyer_id, t.buyer_node, t.seller_id, t.seller_node, t.energy_wh] for t in c.trades],
+            "accepted": [[a.participant_id, a.bought_wh, a.sold_wh] for a in c.accepted],
+            "meter_energy": [
+                [m.participant_id, m.import_wh, m.export_wh, m.quality.name.lower()] for m in self.meter_energy
+            ],
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> SettlementInputs:
+        """Parse the recorded form; raises SettlementInputError naming the field."""
+        try:
+            clearing = ClearingResult(
+                market_id=data["market_id"],
+                interval_start_s=data["interval_start_s"],
+                interval_s=data.get("interval_s", DEFAULT_INTERVAL_S),
+                node_prices_micro_per_kwh=dict(data["node_prices_micro_per_kwh"]),
+                trades=tuple(Trade(*row) for row in data["trades"]),
+                accepted=tuple(AcceptedEnergy(*row) for row in data["accepted"]),
+            )
+            meter = tuple(
+                MeterEnergy(p, i, e, MeterQuality[str(q).upper()]) for p, i, e, q in data["meter_energy"]
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SettlementInputError(f"recorded settlement input: {exc!r}") from exc
+        inputs = cls(clearing, meter)
+        validate_inputs(inputs)
+        return inputs
+
+
+def _check_int(value: object, where: str, low: int, high: int) -> int:
+    if type(value) is not int or not low <= value <= high:
+        raise SettlementInputError(f"{where} must be an integer from {low} to {high}, got {value!r}")
+    return value
+
+
+def validate_inputs(inputs: SettlementInputs) -> None:
+    """Raise SettlementInputError for the first row that breaks a rule, naming it."""
+    c = inputs.clearing
+    if not isinstance(c.market_id, str) or not _NAME_RE.fullmatch(c.market_id):
+        raise SettlementInputError(f"clearing.market_id {c.market_id!r} must match {ACCOUNT_NAME_PATTERN}")
+    _check_int(c.interval_s, "clearing.interval_s", 1, 86_400)
+    _check_int(c.interval_start_s, "clearing.interval_start_s", 0, 2**62)
+    try:
+        Interval(c.interval_start_s, c.interval_s)
+    except ValueError as exc:
+        raise SettlementInputError(f"clearing.interval_start_s: {exc}") from exc
+    for node, price in c.node_prices_micro_per_kwh.items():
+        if not isinstance(node, str) or not _NODE_RE.fullmatch(node):
+            raise SettlementInputError(f"clearing.node_prices: node {node!r} must match {NODE_PATTERN}")
+        _check_int(
+            price, f"clearing.node_prices[{node}]", -MAX_PRICE_MICRO_PER_KWH, MAX_PRICE_MICRO_PER_KWH
+        )
+    bought: dict[str, int] = {}
+    sold: dict[str, int] = {}
+    for i, t in enumerate(c.trades):
+        where = f"clearing.trades[{i}]"
+        for name in (t.buyer_id, t.seller_id):
+            if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+                raise SettlementInputError(f"{where}: participant id {name!r} must match {ACCOUNT_NAME_PATTERN}")
+        if t.buyer_id == t.seller_id:
+            raise SettlementInputError(f"{where}: buyer and seller are both {t.buyer_id!r}")
+        for node in (t.buyer_node, t.seller_node):
+            if node not in c.node_prices_micro_per_kwh:
+                raise SettlementInputError(f"{where}: node {node!r} has no price in clearing.node_prices")
+        _check_int(t.energy_wh, f"{where}.energy_wh", 1, MAX_ENERGY_WH)
+        bought[t.buyer_id] = bought.get(t.buyer_id, 0) + t.energy_wh
+        sold[t.seller_id] = sold.get(t.seller_id, 0) + t.energy_wh
+    seen: set[str] = set()
+    for i, a in enumerate(c.accepted):
+        where = f"clearing.accepted[{i}]"
+        if not isinstance(a.participant_id, str) or not _NAME_RE.fullmatch(a.participant_id):
+            raise SettlementInputError(f"{where}: participant id {a.participant_id!r} must match {ACCOUNT_NAME_PATTERN}")
+        if a.participant_id in seen:
+            raise SettlementInputError(f"{where}: participant {a.participant_id!r} appears twice")
+        seen.add(a.participant_id)
+        _check_int(a.bought_wh, f"{where}.bought_wh", 0, MAX_ENERGY_WH)
+        _check_int(a.sold_wh, f"{where}.sold_wh", 0, MAX_ENERGY_WH)
+        if a.bought_wh != bought.get(a.participant_id, 0) or a.sold_wh != sold.get(a.participant_id, 0):
+            raise SettlementInputError(
+                f"{where}: participant {a.participant_id!r} accepted bought {a.bought_wh} / sold {a.sold_wh} Wh, "
+                f"but its trades sum to {bought.get(a.participant_id, 0)} / {sold.get(a.participant_id, 0)} Wh"
+            )
+    for name in (bought.keys() | sold.keys()) - seen:
+        raise SettlementInputError(f"clearing.accepted: participant {name!r} has trades but no accepted row")
+    seen_meters: set[str] = set()
+    for i, m in enumerate(inputs.meter_energy):
+        where = f"meter_energy[{i}]"
+        if not isinstance(m.participant_id, str) or not _NAME_RE.fullmatch(m.participant_id):
+            raise SettlementInputError(f"{where}: participant id {m.participant_id!r} must match {ACCOUNT_NAME_PATTERN}")
+        if m.participant_id in seen_meters:
+            raise SettlementInputError(f"{where}: participant {m.participant_id!r} appears twice")
+        seen_meters.add(m.participant_id)
+        _check_int(m.import_wh, f"{where}.import_wh", 0, MAX_ENERGY_WH)
+        _check_int(m.export_wh, f"{where}.export_wh", 0, MAX_ENERGY_WH)
+        if not isinstance(m.quality, MeterQuality) or m.quality is MeterQuality.MISSING:
+            raise SettlementInputError(f"{where}.quality must be measured or estimated, got {m.quality!r}")
+
+
+# --------------------------------------------------------------------------- rules
+
+
+class FeePayer(StrEnum):
+    BUYER = "buyer"
+    SELLER = "seller"
+
+
+class MissingEstimate(StrEnum):
+    CONTRACTED = "contracted"
+    """Estimate a missing meter at its contracted energy: no deviation until measured data arrives."""
+    ZERO = "zero"
+    """Estimate a missing meter at zero import and export."""
+
+
+@dataclass(frozen=True, slots=True)
+class SettlementRules:
+    """How a market settles; loaded per market from YAML or a mapping, every field with a default."""
+
+    grid_operator: str = "default"
+    utility: str = "default"
+    utility_participant_id: str | None = None
+    """The utility's participant id in clearing results (its standing orders); its trades book to the utility."""
+    retail_tariff_micro_per_kwh: int = 300_000
+    feed_in_tariff_micro_per_kwh: int = 80_000
+    grid_fee_micro_per_kwh: int = 60_000
+    grid_fee_same_feeder_micro_per_kwh: int = 30_000
+    grid_fee_same_node_micro_per_kwh: int = 15_000
+    feeders: Mapping[str, str] = field(default_factory=dict)
+    """node → feeder; nodes not listed are each their own feeder."""
+    grid_fee_payer: FeePayer = FeePayer.BUYER
+    missing_meter_estimate: MissingEstimate = MissingEstimate.CONTRACTED
+    metering_delay_s: int = 900
+    """An interval is settled no earlier than this long after it ends (the metering deadline)."""
+
+    def __post_init__(self) -> None:
+        for name in ("grid_operator", "utility"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not _NAME_RE.fullmatch(value):
+                raise RulesError(f"{name} {value!r} must match {ACCOUNT_NAME_PATTERN}")
+        if self.utility_participant_id is not None and (
+            not isinstance(self.utility_participant_id, str) or not _NAME_RE.fullmatch(self.utility_participant_id)
+        ):
+            raise RulesError(f"utility_participant_id {self.utility_participant_id!r} must match {ACCOUNT_NAME_PATTERN}")
+        for name in (
+            "retail_tariff_micro_per_kwh",
+            "feed_in_tariff_micro_per_kwh",
+            "grid_fee_micro_per_kwh",
+            "grid_fee_same_feeder_micro_per_kwh",
+            "grid_fee_same_node_micro_per_kwh",
+        ):
+            value = getattr(self, name)
+            if type(value) is not int or not 0 <= value <= MAX_PRICE_MICRO_PER_KWH:
+                raise RulesError(f"{name} must be an integer from 0 to {MAX_PRICE_MICRO_PER_KWH}, got {value!r}")
+        if type(self.metering_delay_s) is not int or self.metering_delay_s < 0:
+            raise RulesError(f"metering_delay_s must be a non-negative integer, got {self.metering_delay_s!r}")
+        if not isinstance(self.feeders, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in self.feeders.items()
+        ):
+            raise RulesError("feeders must map node names to feeder names")
+        if not isinstance(self.grid_fee_payer, FeePayer):
+            raise RulesError(f"grid_fee_payer must be one of {[p.value for p in FeePayer]}")
+        if not isinstance(self.missing_meter_estimate, MissingEstimate):
+            raise RulesError(f"missing_meter_estimate must be one of {[m.value for m in MissingEstimate]}")
+
+    @property
+    def grid_operator_account(self) -> str:
+        return account_id(AccountKind.GRID_OPERATOR, self.grid_operator)
+
+    @property
+    def utility_account(self) -> str:
+        return account_id(AccountKind.UTILITY, self.utility)
+
+    def grid_fee_for(self, buyer_node: str, seller_node: str) -> int:
+        """The grid fee rate in micro-currency per kWh for energy from `seller_node` to `buyer_node`."""
+        if buyer_node == seller_node:
+            return self.grid_fee_same_node_micro_per_kwh
+        feeder_b = self.feeders.get(buyer_node)
+        if feeder_b is not None and feeder_b == self.feeders.get(seller_node):
+            return self.grid_fee_same_feeder_micro_per_kwh
+        return self.grid_fee_micro_per_kwh
+
+    def to_mapping(self) -> dict[str, Any]:
+        """A plain, JSON-able mapping that `from_mapping` reads back to equal rules."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, Mapping):
+                value = dict(sorted(value.items()))
+            elif isinstance(value, StrEnum):
+                value = value.value
+            out[f.name] = value
+        return out
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any] | None) -> SettlementRules:
+        """Rules from a mapping; missing fields keep their defaults, unknown fields are an error."""
+        if data is None:
+            return cls()
+        if not isinstance(data, Mapping):
+            raise RulesError("settlement rules must be a mapping of field names to values")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise RulesError(f"unknown settlement rule field(s) {unknown}; known: {sorted(known)}")
+        values = dict(data)
+        try:
+            if "grid_fee_payer" in values:
+                values["grid_fee_payer"] = FeePayer(values["grid_fee_payer"])
+            if "missing_meter_estimate" in values:
+                values["missing_meter_estimate"] = MissingEstimate(values["missing_meter_estimate"])
+        except ValueError as exc:
+            raise RulesError(str(exc)) from exc
+        if "feeders" in values and values["feeders"] is not None:
+            values["feeders"] = dict(values["feeders"])
+        return cls(**values)
+
+    @classmethod
+    def from_yaml(cls, text: str) -> SettlementRules:
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise RulesError(f"settlement rules are not valid YAML: {exc}") from exc
+        return cls.from_mapping(data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_mapping(), sort_keys=True, separators=(",", ":"))
+
+
+# --------------------------------------------------------------------------- meter state
+
+MeterState = dict[str, tuple[int, int, MeterQuality]]
+"""participant → (import_wh, export_wh, quality): the meter data an interval is settled on."""
+
+
+def initial_meter_state(
+    clearing: ClearingResult, delivered: Sequence[MeterEnergy], rules: SettlementRules
+) -> MeterState:
+    """The meter data of a first settlement: what was delivered, and an estimate for every missing meter."""
+    state: MeterState = {m.participant_id: (m.import_wh, m.export_wh, m.quality) for m in delivered}
+    for a in clearing.accepted:
+        if a.participant_id in state or a.participant_id == rules.utility_participant_id:
+            continue
+        if rules.missing_meter_estimate is MissingEstimate.CONTRACTED:
+            net_wh = a.bought_wh - a.sold_wh
+            state[a.participant_id] = (max(net_wh, 0), max(-net_wh, 0), MeterQuality.MISSING)
+        else:
+            state[a.participant_id] = (0, 0, MeterQuality.MISSING)
+    state.pop(rules.utility_participant_id or "", None)
+    return state
+
+
+def merge_meter_state(old: MeterState, delivered: Sequence[MeterEnergy]) -> MeterState:
+    """Improve `old` with better data from `delivered`; raises SettlementConflictError for contradicting measurements."""
+    new = dict(old)
+    for m in delivered:
+        previous = old.get(m.participant_id)
+        if previous is None or m.quality > previous[2]:
+            new[m.participant_id] = (m.import_wh, m.export_wh, m.quality)
+        elif (
+            m.quality is MeterQuality.MEASURED
+            and previous[2] is MeterQuality.MEASURED
+            and (m.import_wh, m.export_wh) != previous[:2]
+        ):
+            raise SettlementConflictError(
+                f"participant {m.participant_id!r}: measured {m.import_wh}/{m.export_wh} Wh import/export "
+                f"contradicts the measured {previous[0]}/{previous[1]} Wh already settled"
+            )
+    return new
+
+
+def meter_state_to_json(state: MeterState) -> str:
+    return json.dumps(
+        {p: [i, e, int(q)] for p, (i, e, q) in sorted(state.items())}, separators=(",", ":")
+    )
+
+
+def meter_state_from_json(text: str) -> MeterState:
+    data = json.loads(text)
+    return {p: (int(i), int(e), MeterQuality(int(q))) for p, (i, e, q) in data.items()}
+
+
+# --------------------------------------------------------------------------- legs and transfers
+
+
+class Leg(NamedTuple):
+    """One amount a rule says `payer` owes `payee` in an interval (negative: the payee owes the payer)."""
+
+    key: tuple[str, ...]
+    """(code, parties…): unique within an interval, stable across revisions."""
+    payer: str
+    payee: str
+    amount_nano: int
+    estimated: bool = False
+
+
+def settlement_legs(clearing: ClearingResult, state: MeterState, rules: SettlementRules) -> dict[tuple[str, ...], Leg]:
+    """Every amount the rules say is owed for the interval, given the meter data in `state`."""
+    prices = clearing.node_prices_micro_per_kwh
+    market = account_id(AccountKind.MARKET, clearing.market_id)
+    grid = rules.grid_operator_account
+    utility = rules.utility_account
+    utility_pid = rules.utility_participant_id
+    accounts: dict[str, str] = {}
+
+    def account_of(participant: str) -> str:
+        found = accounts.get(participant)
+        if found is None:
+            found = utility if participant == utility_pid else f"participant:{participant}"
+            accounts[participant] = found
+        return found
+
+    energy: dict[tuple[str, str, str, str], int] = {}
+    for t in clearing.trades:
+        k = (t.buyer_id, t.buyer_node, t.seller_id, t.seller_node)
+        energy[k] = energy.get(k, 0) + t.energy_wh
+
+    legs: dict[tuple[str, ...], Leg] = {}
+    rent = 0
+    fee_by_buyer = rules.grid_fee_payer is FeePayer.BUYER
+    for (buyer, buyer_node, seller, seller_node), energy_wh in energy.items():
+        buyer_account = account_of(buyer)
+        seller_account = account_of(seller)
+        purchase = energy_wh * prices[buyer_node]
+        sale = energy_wh * prices[seller_node]
+        rent += purchase - sale
+        legs[(CODE_PURCHASE, buyer, buyer_node, seller, seller_node)] = Leg(
+            (CODE_PURCHASE, buyer, buyer_node, seller, seller_node), buyer_account, market, purchase
+        )
+        legs[(CODE_SALE, buyer, buyer_node, seller, seller_node)] = Leg(
+            (CODE_SALE, buyer, buyer_node, seller, seller_node), market, seller_account, sale
+        )
+        fee_account = buyer_account if fee_by_buyer else seller_account
+        if fee_account != utility:
+            key = (CODE_GRID_FEE, buyer, buyer_node, seller, seller_node)
+            legs[key] = Leg(key, fee_account, grid, energy_wh * rules.grid_fee_for(buyer_node, seller_node))
+    legs[(CODE_CONGESTION_RENT,)] = Leg((CODE_CONGESTION_RENT,), market, grid, rent)
+
+    contracted = {a.participant_id: a.bought_wh - a.sold_wh for a in clearing.accepted}
+    retail = rules.retail_tariff_micro_per_kwh
+    feed_in = rules.feed_in_tariff_micro_per_kwh
+    for participant, (import_wh, export_wh, quality) in state.items():
+        if participant == utility_pid:
+            continue
+        deviation_wh = (import_wh - export_wh) - contracted.get(participant, 0)
+        amount = deviation_wh * (retail if deviation_wh > 0 else feed_in)
+        key = (CODE_DEVIATION, participant)
+        legs[key] = Leg(key, account_of(participant), utility, amount, quality is not MeterQuality.MEASURED)
+    return legs
+
+
+def correction_legs(
+    old: Mapping[tuple[str, ...], Leg], new: Mapping[tuple[str, ...], Leg]
+) -> dict[tuple[str, ...], Leg]:
+    """What must be booked so that old + correction = new, leg by leg."""
+    out: dict[tuple[str, ...], Leg] = {}
+    for key in old.keys() | new.keys():
+        before = old.get(key)
+        after = new.get(key)
+        delta = (after.amount_nano if after else 0) - (before.amount_nano if before else 0)
+        base = after if after is not None else before
+        assert base is not None
+        if delta:
+            out[key] = base._replace(amount_nano=delta, estimated=bool(after and after.estimated))
+    return out
+
+
+def transfer_id_for(market_id: str, interval_start_s: int, revision: int, key: Iterable[str]) -> str:
+    """`<interval_start_s>.<32 hex>`: deterministic, and ordered by interval so index inserts stay local."""
+    text = "|".join((market_id, str(interval_start_s), str(revision), *key))
+    return f"{interval_start_s}.{hashlib.sha256(text.encode()).hexdigest()[:32]}"
+
+
+def legs_to_transfers(
+    legs: Mapping[tuple[str, ...], Leg], market_id: str, interval_start_s: int, revision: int
+) -> list[Transfer]:
+    """The transfers that book `legs`, in key order, all linked into one group (all or nothing)."""
+    sha = hashlib.sha256
+    prefix = f"{market_id}|{interval_start_s}|{revision}|"
+    id_prefix = f"{interval_start_s}."
+    base_flags = FLAG_CORRECTION if revision else 0
+    staged: list[tuple[str, str, str, int, str, int]] = []
+    for key in sorted(legs):
+        leg = legs[key]
+        amount = leg.amount_nano
+        if amount == 0:
+            continue
+        if amount > 0:
+            debit, credit = leg.payer, leg.payee
+        else:
+            debit, credit, amount = leg.payee, leg.payer, -amount
+        if amount > MAX_AMOUNT_NANO:
+            raise SettlementInputError(f"leg {key}: amount {amount} nano exceeds one transfer's limit")
+        tid = id_prefix + sha((prefix + "|".join(key)).encode()).hexdigest()[:32]
+        staged.append((tid, debit, credit, amount, key[0], base_flags | (FLAG_ESTIMATED if leg.estimated else 0)))
+    if not staged:
+        return []
+    group = staged[0][0]
+    return [Transfer(tid, d, c, a, code, interval_start_s, group, f) for tid, d, c, a, code, f in staged]
+
+
+@dataclass(frozen=True, slots=True)
+class SettlementPlan:
+    """What one settlement revision books and on which meter data it rests."""
+
+    revision: int
+    transfers: list[Transfer]
+    meter_state: MeterState
+    estimated_participants: tuple[str, ...]
+
+
+def plan_first_settlement(inputs: SettlementInputs, rules: SettlementRules) -> SettlementPlan:
+    state = initial_meter_state(inputs.clearing, inputs.meter_energy, rules)
+    legs = settlement_legs(inputs.clearing, state, rules)
+    return SettlementPlan(
+        revision=0,
+        transfers=legs_to_transfers(legs, inputs.market_id, inputs.interval_start_s, 0),
+        meter_state=state,
+        estimated_participants=_estimated(state),
+    )
+
+
+def plan_resettlement(
+    inputs: SettlementInputs, rules: SettlementRules, old_state: MeterState, last_revision: int
+) -> SettlementPlan | None:
+    """The correcting revision for better meter data, or None when the delivery changes nothing."""
+    state = merge_meter_state(old_state, inputs.meter_energy)
+    if state == old_state:
+        return None
+    old_legs = settlement_legs(inputs.clearing, old_state, rules)
+    new_legs = settlement_legs(inputs.clearing, state, rules)
+    revision = last_revision + 1
+    return SettlementPlan(
+        revision=revision,
+        transfers=legs_to_transfers(
+            correction_legs(old_legs, new_legs), inputs.market_id, inputs.interval_start_s, revision
+        ),
+        meter_state=state,
+        estimated_participants=_estimated(state),
+    )
+
+
+def _estimated(state: MeterState) -> tuple[str, ...]:
+    return tuple(sorted(p for p, (_i, _e, q) in state.items() if q is not MeterQuality.MEASURED))
+
+
+def settlement_due_s(interval_start_s: int, interval_s: int, rules: SettlementRules) -> int:
+    """The earliest time an interval may be settled: its end plus the metering delay."""
+    return interval_start_s + interval_s + rules.metering_delay_s
