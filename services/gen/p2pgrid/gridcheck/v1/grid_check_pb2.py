@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%p2pgrid/gridcheck/v1/grid_check.proto\x12\x14p2pgrid.gridcheck.v1\"\x13\n\x11GetNetworkRequest\"@\n\x07Network\x12\x11\n\tgrid_yaml\x18\x01 \x01(\t\x12\x10\n\x08node_ids\x18\x02 \x03(\t\x12\x10\n\x08line_ids\x18\x03 \x03(\t\",\n\x10GetLimitsRequest\x12\x18\n\x10interval_start_s\x18\x01 \x01(\x03\"@\n\tLineLimit\x12\x0f\n\x07line_id\x18\x01 \x01(\t\x12\x12\n\ncapacity_w\x18\x02 \x01(\x03\x12\x0e\n\x06reason\x18\x03 \x01(\t\"R\n\x06Limits\x12\x18\n\x10interval_start_s\x18\x01 \x01(\x03\x12.\n\x05lines\x18\x02 \x03(\x0b\x32\x1f.p2pgrid.gridcheck.v1.LineLimit\"|\n\x10SetLimitsRequest\x12\x18\n\x10interval_start_s\x18\x01 \x01(\x03\x12\x1e\n\x16until_interval_start_s\x18\x02 \x01(\x03\x12.\n\x05lines\x18\x03 \x03(\x0b\x32\x1f.p2pgrid.gridcheck.v1.LineLimit\"5\n\rNodeInjection\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x13\n\x0binjection_w\x18\x02 \x01(\x03\"i\n\x14\x43heckScheduleRequest\x12\x18\n\x10interval_start_s\x18\x01 \x01(\x03\x12\x37\n\ninjections\x18\x02 \x03(\x0b\x32#.p2pgrid.gridcheck.v1.NodeInjection\"W\n\x0bLineLoading\x12\x0f\n\x07line_id\x18\x01 \x01(\t\x12\x0e\n\x06\x66low_w\x18\x02 \x01(\x03\x12\x13\n\x0bloading_pct\x18\x03 \x01(\x01\x12\x12\n\ncapacity_w\x18\x04 \x01(\x03\"Q\n\tViolation\x12\x0f\n\x07line_id\x18\x01 \x01(\t\x12\x0e\n\x06\x66low_w\x18\x02 \x01(\x03\x12\x12\n\ncapacity_w\x18\x03 \x01(\x03\x12\x0f\n\x07message\x18\x04 \x01(\t\"v\n\rScheduleCheck\x12\x30\n\x05lines\x18\x01 \x03(\x0b\x32!.p2pgrid.gridcheck.v1.LineLoading\x12\x33\n\nviolations\x18\x02 \x03(\x0b\x32\x1f.p2pgrid.gridcheck.v1.Violation\"\x15\n\x13GetLiveStateRequest\"\xbc\x01\n\tLiveState\x12\x0f\n\x07\x61s_of_s\x18\x01 \x01(\x03\x12\x37\n\ninjections\x18\x02 \x03(\x0b\x32#.p2pgrid.gridcheck.v1.NodeInjection\x12\x30\n\x05lines\x18\x03 \x03(\x0b\x32!.p2pgrid.gridcheck.v1.LineLoading\x12\x33\n\nviolations\x18\x04 \x03(\x0b\x32\x1f.p2pgrid.gridcheck.v1.Violation2\xc5\x03\n\tGridCheck\x12T\n\nGetNetwork\x12\'.p2pgrid.gridcheck.v1.GetNetworkRequest\x1a\x1d.p2pgrid.gridcheck.v1.Network\x12Q\n\tGetLimits\x12&.p2pgrid.gridcheck.v1.GetLimitsRequest\x1a\x1c.p2pgrid.gridcheck.v1.Limits\x12Q\n\tSetLimits\x12&.p2pgrid.gridcheck.v1.SetLimitsRequest\x1a\x1c.p2pgrid.gridcheck.v1.Limits\x12`\n\rCheckSchedule\x12*.p2pgrid.gridcheck.v1.CheckScheduleRequest\x1a#.p2pgrid.gridcheck.v1.ScheduleCheck\x12Z\n\x0cGetLiveState\x12).p2pgrid.gridcheck.v1.GetLiveStateRequest\x1a\x1f.p2pgrid.gridcheck.v1.LiveStateb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%p2pgrid/gridcheck/v1/grid_check.proto\x12\x14p2pgrid.gridcheck.v1\"\x13\n\x11GetNetworkRequest\"W\n\x07Network\x12\x11\n\tgrid_yaml\x18\x01 \x01(\t\x12\x10\n\x08node_ids\x18\x02 \x03(\t\x12\x10\n\x08line_ids\x18\x03 \x03(\t\x12\x15\n\rslack_node_id\x18\x04 \x01(\t\",\n\x10GetLimitsRequest\x12\x18\n\x10interval_start_s\x18\x01 \x01(\x03\"@\n\tLineLimit\x12\x0f\n\x07line_id\x18\x01 \x01(\t\x12\x12\n\ncapacity_w\x18\x02 \x01(\x03\x12\x0e\n\x06reason\x18\x03 \x01(\t\"R\n\x06Limits\x12\x18\n\x10interval_start_s\x18\x01 \x01(\x03\x12.\n\x05lines\x18\x02 \x03(\x0b\x32\x1f.p2pgrid.gridcheck.v1.LineLimit\"\x90\x01\n\x10SetLimitsRequest\x12\x18\n\x10interval_start_s\x18\x01 \x01(\x03\x12\x1e\n\x16until_interval_start_s\x18\x02 \x01(\x03\x12.\n\x05lines\x18\x03 \x03(\x0b\x32\x1f.p2pgrid.gridcheck.v1.LineLimit\x12\x12\n\nopen_ended\x18\x04 \x01(\x08\"5\n\rNodeInjection\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x13\n\x0binjection_w\x18\x02 \x01(\x03\"\x81\x01\n\x14\x43heckScheduleRequest\x12\x18\n\x10interval_start_s\x18\x01 \x01(\x03\x12\x37\n\ninjections\x18\x02 \x03(\x0b\x32#.p2pgrid.gridcheck.v1.NodeInjection\x12\x16\n\x0eslack_balances\x18\x03 \x01(\x08\"g\n\x0bLineLoading\x12\x0f\n\x07line_id\x18\x01 \x01(\t\x12\x0e\n\x06\x66low_w\x18\x02 \x01(\x03\x12\x13\n\x0bloading_pct\x18\x03 \x01(\x01\x12\x12\n\ncapacity_w\x18\x04 \x01(\x03\x12\x0e\n\x06reason\x18\x05 \x01(\t\"t\n\tViolation\x12\x0f\n\x07line_id\x18\x01 \x01(\t\x12\x0e\n\x06\x66low_w\x18\x02 \x01(\x03\x12\x12\n\ncapacity_w\x18\x03 \x01(\x03\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x0c\n\x04kind\x18\x05 \x01(\t\x12\x13\n\x0bloading_pct\x18\x06 \x01(\x01\"\xaf\x01\n\rScheduleCheck\x12\x30\n\x05lines\x18\x01 \x03(\x0b\x32!.p2pgrid.gridcheck.v1.LineLoading\x12\x33\n\nviolations\x18\x02 \x03(\x0b\x32\x1f.p2pgrid.gridcheck.v1.Violation\x12\x37\n\ninjections\x18\x03 \x03(\x0b\x32#.p2pgrid.gridcheck.v1.NodeInjection\"\x15\n\x13GetLiveStateRequest\"\xec\x01\n\tLiveState\x12\x0f\n\x07\x61s_of_s\x18\x01 \x01(\x03\x12\x37\n\ninjections\x18\x02 \x03(\x0b\x32#.p2pgrid.gridcheck.v1.NodeInjection\x12\x30\n\x05lines\x18\x03 \x03(\x0b\x32!.p2pgrid.gridcheck.v1.LineLoading\x12\x33\n\nviolations\x18\x04 \x03(\x0b\x32\x1f.p2pgrid.gridcheck.v1.Violation\x12\x18\n\x10interval_start_s\x18\x05 \x01(\x03\x12\x14\n\x0c\x66resh_meters\x18\x06 \x01(\x03\x32\xc5\x03\n\tGridCheck\x12T\n\nGetNetwork\x12\'.p2pgrid.gridcheck.v1.GetNetworkRequest\x1a\x1d.p2pgrid.gridcheck.v1.Network\x12Q\n\tGetLimits\x12&.p2pgrid.gridcheck.v1.GetLimitsRequest\x1a\x1c.p2pgrid.gridcheck.v1.Limits\x12Q\n\tSetLimits\x12&.p2pgrid.gridcheck.v1.SetLimitsRequest\x1a\x1c.p2pgrid.gridcheck.v1.Limits\x12`\n\rCheckSchedule\x12*.p2pgrid.gridcheck.v1.CheckScheduleRequest\x1a#.p2pgrid.gridcheck.v1.ScheduleCheck\x12Z\n\x0cGetLiveState\x12).p2pgrid.gridcheck.v1.GetLiveStateRequest\x1a\x1f.p2pgrid.gridcheck.v1.LiveStateb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,29 +35,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETNETWORKREQUEST']._serialized_start=63
   _globals['_GETNETWORKREQUEST']._serialized_end=82
   _globals['_NETWORK']._serialized_start=84
-  _globals['_NETWORK']._serialized_end=148
-  _globals['_GETLIMITSREQUEST']._serialized_start=150
-  _globals['_GETLIMITSREQUEST']._serialized_end=194
-  _globals['_LINELIMIT']._serialized_start=196
-  _globals['_LINELIMIT']._serialized_end=260
-  _globals['_LIMITS']._serialized_start=262
-  _globals['_LIMITS']._serialized_end=344
-  _globals['_SETLIMITSREQUEST']._serialized_start=346
-  _globals['_SETLIMITSREQUEST']._serialized_end=470
-  _globals['_NODEINJECTION']._serialized_start=472
-  _globals['_NODEINJECTION']._serialized_end=525
-  _globals['_CHECKSCHEDULEREQUEST']._serialized_start=527
-  _globals['_CHECKSCHEDULEREQUEST']._serialized_end=632
-  _globals['_LINELOADING']._serialized_start=634
-  _globals['_LINELOADING']._serialized_end=721
-  _globals['_VIOLATION']._serialized_start=723
-  _globals['_VIOLATION']._serialized_end=804
-  _globals['_SCHEDULECHECK']._serialized_start=806
-  _globals['_SCHEDULECHECK']._serialized_end=924
-  _globals['_GETLIVESTATEREQUEST']._serialized_start=926
-  _globals['_GETLIVESTATEREQUEST']._serialized_end=947
-  _globals['_LIVESTATE']._serialized_start=950
-  _globals['_LIVESTATE']._serialized_end=1138
-  _globals['_GRIDCHECK']._serialized_start=1141
-  _globals['_GRIDCHECK']._serialized_end=1594
+  _globals['_NETWORK']._serialized_end=171
+  _globals['_GETLIMITSREQUEST']._serialized_start=173
+  _globals['_GETLIMITSREQUEST']._serialized_end=217
+  _globals['_LINELIMIT']._serialized_start=219
+  _globals['_LINELIMIT']._serialized_end=283
+  _globals['_LIMITS']._serialized_start=285
+  _globals['_LIMITS']._serialized_end=367
+  _globals['_SETLIMITSREQUEST']._serialized_start=370
+  _globals['_SETLIMITSREQUEST']._serialized_end=514
+  _globals['_NODEINJECTION']._serialized_start=516
+  _globals['_NODEINJECTION']._serialized_end=569
+  _globals['_CHECKSCHEDULEREQUEST']._serialized_start=572
+  _globals['_CHECKSCHEDULEREQUEST']._serialized_end=701
+  _globals['_LINELOADING']._serialized_start=703
+  _globals['_LINELOADING']._serialized_end=806
+  _globals['_VIOLATION']._serialized_start=808
+  _globals['_VIOLATION']._serialized_end=924
+  _globals['_SCHEDULECHECK']._serialized_start=927
+  _globals['_SCHEDULECHECK']._serialized_end=1102
+  _globals['_GETLIVESTATEREQUEST']._serialized_start=1104
+  _globals['_GETLIVESTATEREQUEST']._serialized_end=1125
+  _globals['_LIVESTATE']._serialized_start=1128
+  _globals['_LIVESTATE']._serialized_end=1364
+  _globals['_GRIDCHECK']._serialized_start=1367
+  _globals['_GRIDCHECK']._serialized_end=1820
 # @@protoc_insertion_point(module_scope)

@@ -72,26 +72,30 @@ class GridCheckServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetLimits(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """The limit in force on every line for one interval (the rating unless an operator set one).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def SetLimits(self, request, context):
-        """Operator identity only.
+        """Operator identity only (else PERMISSION_DENIED). Only for intervals whose gate has
+        not closed (else FAILED_PRECONDITION). Returns the limits in force for interval_start_s.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def CheckSchedule(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Flows, loading and violations for injections per node, against the interval's limits.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetLiveState(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Node injections and line loading from the latest metered power.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
