@@ -1,0 +1,238 @@
+"""Node prices: whole micro-currency per kWh that form a valid equilibrium with the allocation.
+
+Each step bounds its node's price: a fully accepted buy from above (pi <= p),
+a rejected buy from below (pi >= p), a partly accepted step on both sides
+(pi = p), and the mirror for sells. Prices across nodes must have the form
+pi = lambda - PTDF^T mu, with mu_l non-zero only on binding lines and signed
+like the line's flow (lambda is the slack node's price).
+
+Where this leaves a choice, the rule is:
+
+- Uncongested (no binding line): one price everywhere, the midpoint of the
+  admissible interval [max of the lower bounds, min of the upper bounds],
+  rounded half to even to a whole micro-currency. If only one end is bounded
+  (e.g. a book with buys only), the price is that end; with no orders at all
+  it is 0. Examples: no crossing -> midway between the best buy and the best
+  sell; everything crossing with equal volumes -> midway between the last
+  accepted sell and the last accepted buy.
+- Congested: first the least congestion, min sum_l |mu_l|, so that prices
+  differ only as much as the binding lines force; then, keeping that, lambda
+  at the midpoint of its admissible range (or its finite end, or 0); then
+  each binding line's mu_l in line order at the midpoint of its remaining
+  range. Each node's price is then rounded half to even to a whole micro,
+  which keeps it inside its node's interval (whose ends are whole ticks).
+
+The small LPs of the congested case have one variable per binding line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from services.domain.grid import Grid
+from services.matcher.domain import lp
+from services.matcher.domain.allocation import FLOW_TOLERANCE_WH, ClearingError
+from services.matcher.domain.rules import midpoint_rule
+from services.matcher.domain.steps import PriceSteps
+
+FloatArray = npt.NDArray[np.float64]
+IntArray = npt.NDArray[np.int64]
+BoolArray = npt.NDArray[np.bool_]
+
+_NO_BOUND = np.iinfo(np.int64).max // 4
+# GLOP's presolve can misjudge these tiny LPs with nearly fixed rows as infeasible.
+_PRICE_LP_PARAMETERS = "use_preprocessing:false"
+
+
+@dataclass(frozen=True, eq=False)
+class NodePrices:
+    price_micro_per_kwh: IntArray  # per node
+    shadow_price_micro_per_kwh: FloatArray  # mu per line (0 on lines that are not binding)
+    system_price_micro_per_kwh: float  # lambda, the slack's price before rounding
+
+
+def node_bounds(steps: PriceSteps, accepted_wh: IntArray, node_count: int) -> tuple[IntArray, IntArray]:
+    """Per node, the admissible price interval [low, high] in ticks that its steps allow (±_NO_BOUND if open)."""
+    full = accepted_wh == steps.energy_wh
+    rejected = accepted_wh == 0
+    partial = ~(full | rejected)
+    is_buy = steps.is_buy
+    raises_floor = (is_buy & rejected) | (~is_buy & full) | partial
+    lowers_ceiling = (is_buy & full) | (~is_buy & rejected) | partial
+    low = np.full(node_count, -_NO_BOUND, dtype=np.int64)
+    high = np.full(node_count, _NO_BOUND, dtype=np.int64)
+    if len(steps):
+        np.maximum.at(low, steps.node[raises_floor], steps.level[raises_floor])
+        np.minimum.at(high, steps.node[lowers_ceiling], steps.level[lowers_ceiling])
+    return low, high
+
+
+def set_prices(
+    steps: PriceSteps,
+    accepted_wh: IntArray,
+    grid: Grid,
+    flows_wh: FloatArray,
+    binding: BoolArray,
+) -> NodePrices:
+    """Choose the node prices by the documented rule."""
+    node_count = len(grid.nodes)
+    tick = steps.tick_micro_per_kwh
+    low, high = node_bounds(steps, accepted_wh, node_count)
+    bounded_low = low > -_NO_BOUND
+    bounded_high = high < _NO_BOUND
+    line_count = len(grid.lines)
+    binding_lines = np.flatnonzero(binding)
+    uniform_low = int(low.max()) if bounded_low.any() else None
+    uniform_high = int(high.min()) if bounded_high.any() else None
+    uniform_ok = uniform_low is None or uniform_high is None or uniform_low <= uniform_high
+    if uniform_ok:
+        # A single price satisfies every node: binding lines need no shadow price.
+        price = midpoint_rule(
+            None if uniform_low is None else uniform_low * tick,
+            None if uniform_high is None else uniform_high * tick,
+        )
+        return NodePrices(
+            np.full(node_count, price, dtype=np.int64),
+            np.zeros(line_count),
+            float(price),
+        )
+    if not binding_lines.size:
+        raise ClearingError("the allocation admits no single price although no line binds")
+    return _congested_prices(grid, low, high, bounded_low, bounded_high, flows_wh, binding_lines, tick)
+
+
+def _congested_prices(
+    grid: Grid,
+    low: IntArray,
+    high: IntArray,
+    bounded_low: BoolArray,
+    bounded_high: BoolArray,
+    flows_wh: FloatArray,
+    binding_lines: IntArray,
+    tick: int,
+) -> NodePrices:
+    ptdf = grid.ptdf()
+    # Columns: lambda, then for each binding line mu+ (if the line may bind
+    # from -> to) and mu- (if it may bind to -> from); a line at zero flow
+    # (a zero limit) may bind either way.
+    column_line: list[int] = []
+    column_sign: list[float] = []
+    for line in binding_lines.tolist():
+        # Flows within the float tolerance of zero (a zero limit) may bind either way.
+        flow = float(flows_wh[line])
+        if abs(flow) <= FLOW_TOLERANCE_WH:
+            flow = 0.0
+        if flow >= 0:
+            column_line.append(line)
+            column_sign.append(1.0)
+        if flow <= 0:
+            column_line.append(line)
+            column_sign.append(-1.0)
+    mu_count = len(column_line)
+    columns = 1 + mu_count
+    lines_of = np.array(column_line, dtype=np.int64)
+    signs = np.array(column_sign, dtype=np.float64)
+    # Node row n: lambda - sum_c PTDF[line_c, n] * sign_c * nu_c within [low_n, high_n].
+    bounded = np.flatnonzero(bounded_low | bounded_high)
+    coefficients = np.concatenate(
+        (np.ones((len(bounded), 1)), -(ptdf[lines_of][:, bounded] * signs[:, None]).T), axis=1
+    )
+    finite_levels = np.concatenate((low[bounded_low], high[bounded_high])).astype(np.float64)
+    reach = float(finite_levels.max() - finite_levels.min()) + 1.0
+    # An artificial box on lambda stands for "unbounded"; reaching it means that end is open.
+    lambda_box = (float(finite_levels.min()) - 4 * reach - 1.0, float(finite_levels.max()) + 4 * reach + 1.0)
+    row_lower = np.where(bounded_low[bounded], low[bounded], -np.inf).astype(np.float64)
+    row_upper = np.where(bounded_high[bounded], high[bounded], np.inf).astype(np.float64)
+    lower = np.concatenate(([lambda_box[0]], np.zeros(mu_count)))
+    upper = np.concatenate(([lambda_box[1]], np.full(mu_count, np.inf)))
+    extra_rows: list[tuple[FloatArray, float, float]] = []
+
+    def solve(objective: FloatArray, maximize: bool) -> FloatArray:
+        dense = coefficients
+        lows = row_lower
+        highs = row_upper
+        if extra_rows:
+            dense = np.vstack([coefficients] + [row for row, _, _ in extra_rows])
+            lows = np.concatenate((row_lower, [lo for _, lo, _ in extra_rows]))
+            highs = np.concatenate((row_upper, [hi for _, _, hi in extra_rows]))
+        row_index, column_index = np.nonzero(dense)
+        program = lp.LinearProgram(
+            lower=lower,
+            upper=upper,
+            objective=objective,
+            row_start=np.searchsorted(row_index, np.arange(dense.shape[0] + 1)).astype(np.int64),
+            column=column_index.astype(np.int64),
+            coefficient=dense[row_index, column_index],
+            row_lower=lows,
+            row_upper=highs,
+            maximize=maximize,
+        )
+        try:
+            return lp.solve(program, parameters=_PRICE_LP_PARAMETERS).values
+        except lp.SolverError as exc:
+            raise ClearingError(f"no equilibrium prices fit the allocation (status {exc.status})") from exc
+
+    def fix(row: FloatArray, value: float) -> None:
+        slack = 1e-9 * max(1.0, abs(value))
+        used = np.flatnonzero(row)
+        if len(used) == 1:
+            # One variable: fix it by its bounds (sharper than a row).
+            column = int(used[0])
+            scaled = value / row[column]
+            lower[column] = upper[column] = scaled
+        else:
+            extra_rows.append((row, value - slack, value + slack))
+
+    # 1. The least congestion: minimise the sum of |mu|.
+    congestion = np.concatenate(([0.0], np.ones(mu_count)))
+    least = float(congestion @ solve(congestion, maximize=False))
+    extra_rows.append((congestion, -np.inf, least + 1e-9 * max(1.0, least)))
+    # 2. lambda at the midpoint of its range.
+    unit = np.zeros(columns)
+    unit[0] = 1.0
+    lambda_low = float(solve(unit, maximize=False)[0])
+    lambda_high = float(solve(unit, maximize=True)[0])
+    lambda_value = _midpoint(
+        None if lambda_low <= lambda_box[0] + 1e-6 else lambda_low,
+        None if lambda_high >= lambda_box[1] - 1e-6 else lambda_high,
+    )
+    fix(unit, lambda_value)
+    # 3. Each binding line's mu at the midpoint of its range, in line order.
+    mu = np.zeros(len(grid.lines))
+    for line in binding_lines.tolist():
+        row = np.concatenate(([0.0], np.where(lines_of == line, signs, 0.0)))
+        if not row.any():
+            continue
+        mu_low = float(row @ solve(row, maximize=False))
+        mu_high = float(row @ solve(row, maximize=True))
+        value = (mu_low + mu_high) / 2
+        fix(row, value)
+        mu[line] = value
+    levels = lambda_value - ptdf.T @ mu
+    prices = _round_half_even(levels * tick)
+    # Rounding to whole micro keeps a price inside its node's interval of whole ticks;
+    # clipping only removes floating-point dust at the ends.
+    prices = np.clip(
+        prices, np.where(bounded_low, low * tick, prices), np.where(bounded_high, high * tick, prices)
+    )
+    return NodePrices(prices.astype(np.int64), mu * tick, lambda_value * tick)
+
+
+def _midpoint(low: float | None, high: float | None) -> float:
+    if low is not None and high is not None:
+        return (low + high) / 2
+    if low is not None:
+        return low
+    if high is not None:
+        return high
+    return 0.0
+
+
+def _round_half_even(values: FloatArray) -> IntArray:
+    # Values within a billionth of a whole or half micro are snapped first, so
+    # floating-point dust cannot flip a rounding.
+    snapped = np.where(np.abs(values * 2 - np.rint(values * 2)) < 1e-6, np.rint(values * 2) / 2, values)
+    return np.rint(snapped).astype(np.int64)
