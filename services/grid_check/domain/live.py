@@ -98,5 +98,9 @@ class LiveMeters:
                 totals[reading.node_id] = totals.get(reading.node_id, 0.0) + reading.power_w
         return totals
 
+    def fresh_meter_count(self, now_s: float) -> int:
+        """How many meters have a reading fresh enough to count at `now_s`."""
+        return sum(1 for r in self._last.values() if now_s - r.time_s <= self.stale_after_s)
+
     def latest_time_s(self) -> float | None:
         return max((r.time_s for r in self._last.values()), default=None)
