@@ -6,7 +6,7 @@ import asyncio
 import logging
 
 from services.gen.p2pgrid.orderbook.v1 import order_book_pb2_grpc as pb_grpc
-from services.order_book.adapters.auth import TokenAuthenticator
+from services.order_book.adapters.auth import CachingTokenAuthenticator
 from services.order_book.adapters.clearing import GateKeeper, ResultConsumer
 from services.order_book.adapters.grpc_api import SERVICE_NAME, OrderBookServicer
 from services.order_book.adapters.store import BookStore, WriteOutcome
@@ -33,6 +33,7 @@ class App:
         self.engine = make_engine(settings.database_url, pool_size=8, max_overflow=8)
         self.store = BookStore(self.engine, self.rules, publish_order_events=settings.publish_order_events)
         self.store.migrate()
+        self.store.hold_writer_lock()
         self.state = self.store.open_book(self.rules.first_open_start_s(ctx.clock.now_s()))
         metrics = ctx.metrics
         self._accepted = metrics.counter("p2pgrid_orders_accepted_total")
@@ -84,8 +85,9 @@ class App:
         pb_grpc.add_OrderBookServicer_to_server(OrderBookServicer(self.book), ctx.grpc.server)
         ctx.grpc.add(SERVICE_NAME)
         ctx.grpc.set_authenticator(
-            TokenAuthenticator(
+            CachingTokenAuthenticator(
                 settings.auth_audience,
+                is_registered=self.registry.__contains__,
                 operator_keys=operator_keys,
                 max_lifetime_s=settings.token_max_lifetime_s,
                 skew_s=settings.token_clock_skew_s,
@@ -141,6 +143,7 @@ class App:
         if self._relay_task is not None:
             await asyncio.wait([self._relay_task], timeout=grace_s)
         self.verifier.close()
+        self.store.release_writer_lock()
         self.engine.dispose()
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import nacl.signing
 
+from services.domain.credentials import SIGNATURE_BYTES, is_valid_public_key
 from services.domain.errors import (
     DomainError,
     InvalidArgument,
@@ -28,7 +29,6 @@ from services.domain.intervals import Clock
 from services.order_book.adapters.store import AmendOp, BookStore, CancelOp, PlaceOp
 from services.order_book.adapters.verifier import SignatureVerifier
 from services.order_book.adapters.writer import BookWriter
-from services.order_book.domain.credentials import SIGNATURE_BYTES, is_valid_public_key
 from services.order_book.domain.limits import RateLimiter
 from services.order_book.domain.market import IntervalOpened, MarketEvent, MarketRules
 from services.order_book.domain.orders import (

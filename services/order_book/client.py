@@ -32,10 +32,10 @@ import grpc
 import nacl.signing
 from grpc.aio import EOF  # type: ignore[attr-defined]
 
+from services.domain.credentials import ORDER_BOOK_AUDIENCE, make_token
 from services.domain.ids import new_id, participant_id_from_public_key
 from services.gen.p2pgrid.orderbook.v1 import order_book_pb2 as pb
 from services.gen.p2pgrid.orderbook.v1 import order_book_pb2_grpc as pb_grpc
-from services.order_book.domain.credentials import ORDER_BOOK_AUDIENCE, make_token
 from services.order_book.domain.orders import Side, encode_order
 
 log = logging.getLogger(__name__)

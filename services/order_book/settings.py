@@ -7,9 +7,10 @@ from pathlib import Path
 
 import yaml
 
+from services.domain.credentials import ORDER_BOOK_AUDIENCE, b64url, is_valid_public_key
 from services.domain.intervals import DEFAULT_GATE_CLOSURE_S, DEFAULT_INTERVAL_S
-from services.order_book.domain.credentials import ORDER_BOOK_AUDIENCE, is_valid_public_key
 from services.order_book.domain.market import MarketRules
+from services.platform.auth import parse_operator_keys
 from services.platform.settings import (
     ServiceSettings,
     SettingsError,
@@ -37,13 +38,9 @@ def _check_grid_file(value: str) -> None:
 
 
 def _check_operator_keys(value: str) -> None:
-    for item in split_list(value):
-        try:
-            key = bytes.fromhex(item)
-        except ValueError:
-            raise ValueError(f"{item[:16]!r}... is not hex") from None
+    for key in parse_operator_keys(value):
         if not is_valid_public_key(key):
-            raise ValueError(f"{item[:16]}... is not a 32-byte Ed25519 public key in hex")
+            raise ValueError(f"{b64url(key)} is not a valid Ed25519 public key")
 
 
 def split_list(value: str) -> list[str]:
@@ -91,7 +88,7 @@ class Settings(ServiceSettings):
     )
     rate_limit_burst: int = setting(5000, help="orders a participant may send at once", check=check_positive)
     operator_public_keys: str = setting(
-        "", help="comma-separated hex Ed25519 public keys of operators", check=_check_operator_keys
+        "", help="comma-separated base64url Ed25519 public keys of operators", check=_check_operator_keys
     )
     open_registration: bool = setting(
         True, help="participants may register their own key (else only operators register)"
@@ -126,7 +123,7 @@ class Settings(ServiceSettings):
         return _nodes_from_grid_file(self.grid_file) if self.grid_file else split_list(self.nodes)
 
     def operator_keys(self) -> frozenset[bytes]:
-        return frozenset(bytes.fromhex(item) for item in split_list(self.operator_public_keys))
+        return parse_operator_keys(self.operator_public_keys)
 
     def market_rules(self) -> MarketRules:
         return MarketRules(

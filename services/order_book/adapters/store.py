@@ -4,8 +4,10 @@ Guarantees, kept by `BookStore.apply_ops` (one transaction per call, and the
 only code that writes orders):
 
 - every stored order has a book sequence, assigned in the transaction that
-  stores it; the sequences are 1, 2, 3, ... without gaps (the last one lives
-  in `ob_book_state`, updated in the same transaction);
+  stores it; the sequences are 1, 2, 3, ... without gaps: the writer hands
+  them out consecutively and only advances its counter once the transaction
+  committed (it starts from the highest stored one). One process writes a
+  book: `hold_writer_lock` makes a second one wait, then fail;
 - (participant, client_order_id) is stored at most once, for ever; a repeat
   with the same body answers the first receipt, one with a different body is
   ALREADY_EXISTS;
@@ -20,6 +22,7 @@ only code that writes orders):
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import logging
 import time
@@ -103,8 +106,7 @@ book_state_t = Table(
     "ob_book_state",
     metadata,
     Column("id", Integer(), primary_key=True, autoincrement=False),
-    Column("last_seq", BigInteger(), nullable=False),
-    Column("first_interval_start_s", BigInteger(), nullable=True),
+    Column("first_interval_start_s", BigInteger(), nullable=False),
 )
 orders_t = Table(
     "ob_orders",
@@ -173,6 +175,24 @@ _ORDER_COLUMNS = (
     orders_t.c.accepted_wh,
     orders_t.c.fill_price_micro_per_kwh,
 )
+
+_INSERT_COLUMNS = (
+    "book_seq",
+    "order_id",
+    "participant_id",
+    "client_order_id",
+    "side",
+    "node_id",
+    "interval_start_s",
+    "energy_wh",
+    "price_micro_per_kwh",
+    "signature",
+    "state",
+    "accepted_at_s",
+    "replaces_order_id",
+)
+_PREFETCH_COLUMNS = (*_INSERT_COLUMNS[:9], "accepted_at_s", "replaces_order_id")
+_LIVE = int(OrderState.LIVE)
 
 
 # The operations the writer batches into one transaction. Each carries its own
@@ -274,16 +294,18 @@ class _Txn:
     """State of one writer transaction: the next sequence, known client ids and rows waiting to be inserted."""
 
     def __init__(
-        self, conn: Connection, now_s: float, last_seq: int, last_frozen_start_s: int | None
+        self, conn: Connection, cursor: Any, now_s: float, last_seq: int, last_frozen_start_s: int | None
     ) -> None:
         self.conn = conn
+        # The driver's own cursor: the hot statements skip SQLAlchemy's per-statement work.
+        self.cursor = cursor
         self.now_s = now_s
         self.now_int_s = int(now_s)
         self.last_seq = last_seq
         self.last_frozen_start_s = last_frozen_start_s
-        # (participant, client_order_id) -> stored or pending row (mapping with the order's columns).
+        # (participant, client_order_id) -> the stored or pending order's columns.
         self.known: dict[tuple[str, str], Row] = {}
-        self.pending: list[dict[str, Any]] = []
+        self.pending: list[tuple[Any, ...]] = []
         self.outcome = WriteOutcome()
 
 
@@ -294,6 +316,16 @@ class BookStore:
         self.engine = engine
         self.rules = rules
         self.publish_order_events = publish_order_events
+        self._last_seq = 0
+        self._last_frozen_start_s: int | None = None
+        mark = "?" if engine.dialect.name == "sqlite" else "%s"
+        self._insert_sql = f"INSERT INTO ob_orders ({', '.join(_INSERT_COLUMNS)}) VALUES ({', '.join([mark] * len(_INSERT_COLUMNS))})"
+        self._postgres = engine.dialect.name == "postgresql"
+        # SQLite plans a row-value IN as a scan; one participant at a time is an index search.
+        self._prefetch_sql = (
+            f"SELECT {', '.join(_PREFETCH_COLUMNS)} FROM ob_orders WHERE participant_id = {mark} AND "
+            + ("client_order_id = ANY(%s)" if self._postgres else "client_order_id IN")
+        )
 
     # Schema and start-up.
 
@@ -302,18 +334,61 @@ class BookStore:
         migrate(self.engine, MIGRATIONS, VERSION_TABLE)
 
     def open_book(self, first_open_start_s: int) -> BookState:
-        """Create the book's state row on first start; return the sequence and the gate-closure watermark."""
+        """Read the last book sequence and frozen interval; on first start record where gate closures begin."""
         with self.engine.begin() as conn:
-            row = conn.execute(select(book_state_t).where(book_state_t.c.id == 1)).first()
-            if row is None:
-                conn.execute(
-                    book_state_t.insert().values(id=1, last_seq=0, first_interval_start_s=first_open_start_s)
-                )
-                last_seq, first_s = 0, first_open_start_s
-            else:
-                last_seq, first_s = int(row.last_seq), int(row.first_interval_start_s)
+            first_s = conn.execute(
+                select(book_state_t.c.first_interval_start_s).where(book_state_t.c.id == 1)
+            ).scalar()
+            if first_s is None:
+                conn.execute(book_state_t.insert().values(id=1, first_interval_start_s=first_open_start_s))
+                first_s = first_open_start_s
+            last_seq = conn.execute(select(func.max(orders_t.c.book_seq))).scalar()
             last_frozen = conn.execute(select(func.max(intervals_t.c.interval_start_s))).scalar()
-        return BookState(last_seq, first_s, None if last_frozen is None else int(last_frozen))
+        self._last_seq = int(last_seq or 0)
+        self._last_frozen_start_s = None if last_frozen is None else int(last_frozen)
+        return BookState(self._last_seq, int(first_s), self._last_frozen_start_s)
+
+    def hold_writer_lock(self, timeout_s: float = 15.0) -> None:
+        """Become the book's only writer (for the life of the process), or raise RuntimeError after `timeout_s`.
+
+        PostgreSQL: a session advisory lock per schema, held by one checked-out
+        connection. SQLite: an exclusive lock on a file beside the database.
+        Both vanish with the process, so a killed writer never blocks its successor.
+        """
+        deadline = time.monotonic() + timeout_s
+        if self.engine.dialect.name == "sqlite":
+            database = self.engine.url.database or ""
+            if not database or database == ":memory:":
+                return
+            handle = open(f"{database}.writer-lock", "a+")  # noqa: SIM115 - held open for the process's life
+            while True:
+                try:
+                    fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    self._lock_handle: Any = handle
+                    return
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        handle.close()
+                        raise RuntimeError(f"another order book writes {database}") from None
+                    time.sleep(0.2)
+        conn = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+        while True:
+            locked = conn.exec_driver_sql(
+                "SELECT pg_try_advisory_lock(hashtext('p2pgrid.order_book:' || current_schema()))"
+            ).scalar()
+            if locked:
+                self._lock_handle = conn
+                return
+            if time.monotonic() >= deadline:
+                conn.close()
+                raise RuntimeError("another order book writes this database schema")
+            time.sleep(0.2)
+
+    def release_writer_lock(self) -> None:
+        handle = getattr(self, "_lock_handle", None)
+        if handle is not None:
+            handle.close()
+            self._lock_handle = None
 
     # Participants and meters.
 
@@ -382,13 +457,15 @@ class BookStore:
     # The writer.
 
     def apply_ops(self, ops: Sequence[Op], now_s: float) -> WriteOutcome:
-        """Apply `ops` in order in one transaction; each op's result slot is filled. Raises on database failure."""
+        """Apply `ops` in order in one transaction; each op's result slot is filled. Raises on database failure.
+
+        The last sequence and the last frozen interval are kept in memory
+        between transactions (this process is the book's only writer, see
+        `hold_writer_lock`) and only advance once a transaction committed.
+        """
         with self.engine.begin() as conn:
-            state = conn.execute(
-                select(book_state_t.c.last_seq).where(book_state_t.c.id == 1).with_for_update()
-            ).scalar_one()
-            last_frozen = conn.execute(select(func.max(intervals_t.c.interval_start_s))).scalar()
-            txn = _Txn(conn, now_s, int(state), None if last_frozen is None else int(last_frozen))
+            cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+            txn = _Txn(conn, cursor, now_s, self._last_seq, self._last_frozen_start_s)
             self._prefetch(txn, ops)
             for op in ops:
                 if isinstance(op, PlaceOp):
@@ -406,11 +483,12 @@ class BookStore:
                     self._flush(txn)
                     op.result = self._freeze(txn, op.interval_start_s)
             self._flush(txn)
-            if txn.last_seq != state:
-                conn.execute(update(book_state_t).where(book_state_t.c.id == 1).values(last_seq=txn.last_seq))
+        self._last_seq = txn.last_seq
+        self._last_frozen_start_s = txn.last_frozen_start_s
         return txn.outcome
 
     def _prefetch(self, txn: _Txn, ops: Sequence[Op]) -> None:
+        """Load the stored orders of every (participant, client_order_id) the ops name: one indexed query each."""
         wanted: dict[str, set[str]] = {}
         for op in ops:
             if isinstance(op, PlaceOp):
@@ -420,14 +498,15 @@ class BookStore:
         for participant_id, ids in wanted.items():
             ordered = sorted(ids)
             for start in range(0, len(ordered), _IN_CHUNK):
-                rows = txn.conn.execute(
-                    select(*_ORDER_COLUMNS).where(
-                        orders_t.c.participant_id == participant_id,
-                        orders_t.c.client_order_id.in_(ordered[start : start + _IN_CHUNK]),
-                    )
-                ).all()
-                for row in rows:
-                    txn.known[(participant_id, row.client_order_id)] = row._mapping
+                chunk = ordered[start : start + _IN_CHUNK]
+                if self._postgres:
+                    txn.cursor.execute(self._prefetch_sql, (participant_id, chunk))
+                else:
+                    marks = ",".join("?" * len(chunk))
+                    txn.cursor.execute(f"{self._prefetch_sql} ({marks})", (participant_id, *chunk))
+                for row in txn.cursor.fetchall():
+                    known = dict(zip(_PREFETCH_COLUMNS, row, strict=True))
+                    txn.known[(participant_id, known["client_order_id"])] = known
 
     def _closed(self, txn: _Txn, interval_start_s: int) -> bool:
         frozen = txn.last_frozen_start_s is not None and interval_start_s <= txn.last_frozen_start_s
@@ -450,38 +529,40 @@ class BookStore:
         if self._closed(txn, body.interval_start_s):
             return self.rules.closed_error(body.interval_start_s, f"{prefix}.interval_start_s")
         txn.last_seq += 1
-        row: dict[str, Any] = {
-            "book_seq": txn.last_seq,
-            "order_id": new_id(),
-            "participant_id": participant_id,
-            "client_order_id": body.client_order_id,
-            "side": int(body.side),
-            "node_id": body.node_id,
-            "interval_start_s": body.interval_start_s,
-            "energy_wh": body.energy_wh,
-            "price_micro_per_kwh": body.price_micro_per_kwh,
-            "signature": order.signature,
-            "state": int(OrderState.LIVE),
-            "accepted_at_s": txn.now_int_s,
-            "replaces_order_id": replaces,
-        }
-        txn.known[key] = row
+        order_id = new_id()
+        row = (
+            txn.last_seq,
+            order_id,
+            participant_id,
+            body.client_order_id,
+            int(body.side),
+            body.node_id,
+            body.interval_start_s,
+            body.energy_wh,
+            body.price_micro_per_kwh,
+            order.signature,
+            _LIVE,
+            txn.now_int_s,
+            replaces,
+        )
+        txn.known[key] = dict(zip(_INSERT_COLUMNS, row, strict=True))
         txn.pending.append(row)
         txn.outcome.placed[body.side] += 1
-        return Receipt(row["order_id"], body.client_order_id, txn.last_seq, txn.now_int_s)
+        return Receipt(order_id, body.client_order_id, txn.last_seq, txn.now_int_s)
 
     def _flush(self, txn: _Txn) -> None:
         if not txn.pending:
             return
-        txn.conn.execute(orders_t.insert(), txn.pending)
+        txn.cursor.executemany(self._insert_sql, txn.pending)
         if self.publish_order_events:
             for row in txn.pending:
+                mapping = dict(zip(_INSERT_COLUMNS, row, strict=True))
                 kind = (
                     events_pb2.ORDER_EVENT_KIND_AMENDED
-                    if row["replaces_order_id"]
+                    if mapping["replaces_order_id"]
                     else events_pb2.ORDER_EVENT_KIND_PLACED
                 )
-                self._order_event(txn, row, kind)
+                self._order_event(txn, mapping, kind)
         txn.pending = []
 
     def _order_event(self, txn: _Txn, row: Row, kind: int) -> None:

@@ -38,10 +38,8 @@ def upgrade() -> None:
     op.create_table(
         "ob_book_state",
         sa.Column("id", sa.Integer(), primary_key=True, autoincrement=False),
-        # The last book sequence handed out; orders are numbered 1..last_seq without gaps.
-        sa.Column("last_seq", sa.BigInteger(), nullable=False),
         # The first interval that could ever hold orders: gate closures start here.
-        sa.Column("first_interval_start_s", sa.BigInteger(), nullable=True),
+        sa.Column("first_interval_start_s", sa.BigInteger(), nullable=False),
     )
     op.create_table(
         "ob_orders",

@@ -1,0 +1,299 @@
+"""`p2pgrid bench orders`: signed-order intake of a real order book process, as JSON lines.
+
+The benchmark starts a nats-server, a database (SQLite in a temporary folder
+unless --database-url is given) and an order book process, registers a few
+participants and signs every order before timing anything. It then measures,
+in one run:
+
+- `verify_baseline`: verifying the batch phase's signatures in a loop on
+  one core in this process (what signed-order intake cannot beat per core);
+- `batch`: PlaceOrders calls of --batch-size orders with --batch-concurrency
+  calls in flight; `orders_per_s` counts orders accepted and persisted, and
+  `ratio` is that over the baseline;
+- `single`: PlaceOrder calls, one order each, with --in-flight calls in
+  flight: `orders_per_s` and latency percentiles.
+
+Requests are serialised before timing, so the client's share of the two
+shared cores is the gRPC call itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+from sqlalchemy import func, select
+
+from services.domain.credentials import verify_signature
+from services.domain.intervals import DEFAULT_GATE_CLOSURE_S, DEFAULT_INTERVAL_S
+from services.gen.p2pgrid.orderbook.v1 import order_book_pb2 as pb
+from services.order_book.client import BotKey, OrderBookClient, signed_order
+from services.order_book.domain.orders import Side, encode_order
+from services.platform.db import make_engine
+from services.platform.nats_server import NatsServer, env_without_proxy
+
+NODE = "n1"
+PLACE_ORDER = "/p2pgrid.orderbook.v1.OrderBook/PlaceOrder"
+PLACE_ORDERS = "/p2pgrid.orderbook.v1.OrderBook/PlaceOrders"
+
+
+def _line(**fields: Any) -> None:
+    print(json.dumps(fields), flush=True)
+
+
+def start_order_book(
+    nats_url: str, database_url: str, workdir: Path, extra: Sequence[str] = ()
+) -> tuple[subprocess.Popen[bytes], int]:
+    """Start `python -m services.order_book` and wait for its ready file; returns the process and gRPC port."""
+    ready = workdir / "order_book.ready.json"
+    ready.unlink(missing_ok=True)
+    log_path = workdir / "order_book.log"
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                *(["-m", "cProfile", "-o", os.environ["OB_PROFILE"]] if os.environ.get("OB_PROFILE") else []),
+                "-m",
+                "services.order_book",
+                "--nats-url",
+                nats_url,
+                "--database-url",
+                database_url,
+                "--ready-file",
+                str(ready),
+                "--log-level",
+                "warning",
+                "--nodes",
+                f"n0,{NODE},n2",
+                "--rate-limit-orders-per-s",
+                "10000000",
+                "--rate-limit-burst",
+                "10000000",
+                *extra,
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env_without_proxy(),
+        )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if ready.exists():
+            return process, int(json.loads(ready.read_text())["grpc_port"])
+        if process.poll() is not None:
+            raise RuntimeError(f"the order book exited with {process.returncode}; see {log_path}")
+        time.sleep(0.05)
+    process.kill()
+    raise RuntimeError(f"the order book did not start within 60 s; see {log_path}")
+
+
+def _interval_start_s() -> int:
+    # Four intervals after the next gate: open for the whole run.
+    now_s = time.time()
+    first = (int((now_s + DEFAULT_GATE_CLOSURE_S) // DEFAULT_INTERVAL_S) + 1) * DEFAULT_INTERVAL_S
+    return first + 4 * DEFAULT_INTERVAL_S
+
+
+def _sign_orders(
+    keys: Sequence[BotKey], count: int, prefix: str, interval_start_s: int
+) -> list[pb.PlaceOrderRequest]:
+    orders = []
+    for i in range(count):
+        key = keys[i % len(keys)]
+        side = Side.BUY if i % 2 else Side.SELL
+        price = 50_000 + (i % 500) * 100
+        orders.append(signed_order(key, side, NODE, interval_start_s, 100 + i % 900, price, f"{prefix}-{i}"))
+    return orders
+
+
+def _baseline_verify_per_s(keys: Sequence[BotKey], orders: Sequence[pb.PlaceOrderRequest]) -> float:
+    import nacl.signing
+
+    verify_keys = [nacl.signing.VerifyKey(k.public_key) for k in keys]
+    items = []
+    for i, order in enumerate(orders):
+        b = order.body
+        message = encode_order(
+            b.client_order_id, b.side, b.node_id, b.interval_start_s, b.energy_wh, b.price_micro_per_kwh
+        )
+        items.append((verify_keys[i % len(keys)], message, order.signature))
+    started = time.perf_counter()
+    ok = sum(1 for key, message, signature in items if verify_signature(key, message, signature))
+    elapsed_s = time.perf_counter() - started
+    if ok != len(items):
+        raise RuntimeError("a benchmark signature did not verify")
+    return len(items) / elapsed_s
+
+
+async def _register(target: str, keys: Sequence[BotKey]) -> None:
+    for key in keys:
+        async with OrderBookClient(target, key) as client:
+            await client.register(NODE, "bench")
+
+
+async def _batch_phase(
+    target: str,
+    keys: Sequence[BotKey],
+    orders: Sequence[pb.PlaceOrderRequest],
+    batch_size: int,
+    concurrency: int,
+) -> tuple[int, float]:
+    # Each participant's orders go in its own calls (the caller is the signer).
+    by_key: dict[int, list[pb.PlaceOrderRequest]] = {}
+    for i, order in enumerate(orders):
+        by_key.setdefault(i % len(keys), []).append(order)
+    payloads: list[tuple[tuple[tuple[str, str], ...], bytes]] = []
+    for index, items in by_key.items():
+        metadata = (("authorization", f"Bearer {keys[index].token(lifetime_s=3600)}"),)
+        for start in range(0, len(items), batch_size):
+            request = pb.PlaceOrdersRequest(orders=items[start : start + batch_size])
+            payloads.append((metadata, request.SerializeToString()))
+    accepted = 0
+    async with grpc.aio.insecure_channel(
+        target,
+        options=[("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)],
+    ) as channel:
+        call = channel.unary_unary(
+            PLACE_ORDERS, request_serializer=None, response_deserializer=pb.PlaceOrdersResponse.FromString
+        )
+        queue = iter(payloads)
+
+        async def worker() -> int:
+            count = 0
+            for metadata, payload in queue:
+                response = await call(payload, metadata=metadata, timeout=60)
+                count += sum(1 for r in response.results if r.HasField("receipt"))
+            return count
+
+        started = time.perf_counter()
+        accepted = sum(await asyncio.gather(*(worker() for _ in range(concurrency))))
+        elapsed_s = time.perf_counter() - started
+    return accepted, elapsed_s
+
+
+async def _single_phase(
+    target: str, keys: Sequence[BotKey], orders: Sequence[pb.PlaceOrderRequest], in_flight: int
+) -> tuple[int, float, list[float]]:
+    tokens = {i: (("authorization", f"Bearer {k.token(lifetime_s=3600)}"),) for i, k in enumerate(keys)}
+    payloads = [(tokens[i % len(keys)], order.SerializeToString()) for i, order in enumerate(orders)]
+    latencies_s: list[float] = []
+    async with grpc.aio.insecure_channel(target) as channel:
+        call = channel.unary_unary(
+            PLACE_ORDER, request_serializer=None, response_deserializer=pb.OrderReceipt.FromString
+        )
+        queue = iter(payloads)
+
+        async def worker() -> int:
+            count = 0
+            for metadata, payload in queue:
+                t0 = time.perf_counter()
+                await call(payload, metadata=metadata, timeout=30)
+                latencies_s.append(time.perf_counter() - t0)
+                count += 1
+            return count
+
+        started = time.perf_counter()
+        accepted = sum(await asyncio.gather(*(worker() for _ in range(in_flight))))
+        elapsed_s = time.perf_counter() - started
+    return accepted, elapsed_s, latencies_s
+
+
+def _percentile_ms(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000, 3)
+
+
+def _stored_orders(database_url: str) -> int:
+    from services.order_book.adapters.store import orders_t
+
+    engine = make_engine(database_url)
+    try:
+        with engine.connect() as conn:
+            return int(conn.execute(select(func.count()).select_from(orders_t)).scalar_one())
+    finally:
+        engine.dispose()
+
+
+def run(args: argparse.Namespace) -> int:
+    with tempfile.TemporaryDirectory(prefix="p2pgrid-bench-orders-") as tmp:
+        workdir = Path(tmp)
+        database_url = args.database_url or f"sqlite:///{workdir / 'order_book.db'}"
+        backend = database_url.split(":", 1)[0]
+        with NatsServer(store_dir=workdir / "nats") as nats:
+            process, port = start_order_book(
+                nats.url, database_url, workdir, ["--verify-threads", str(args.verify_threads)]
+            )
+            target = f"127.0.0.1:{port}"
+            try:
+                keys = [BotKey.generate() for _ in range(args.participants)]
+                asyncio.run(_register(target, keys))
+                interval_start_s = _interval_start_s()
+                batch_orders = _sign_orders(keys, args.orders, "b", interval_start_s)
+                single_orders = _sign_orders(keys, args.single_orders, "s", interval_start_s)
+                baseline = _baseline_verify_per_s(keys, batch_orders)
+                _line(
+                    bench="orders",
+                    phase="verify_baseline",
+                    signatures=len(batch_orders),
+                    verify_per_s=round(baseline),
+                )
+                accepted, elapsed_s = asyncio.run(
+                    _batch_phase(target, keys, batch_orders, args.batch_size, args.batch_concurrency)
+                )
+                rate = accepted / elapsed_s
+                _line(
+                    bench="orders",
+                    phase="batch",
+                    database=backend,
+                    batch_size=args.batch_size,
+                    in_flight=args.batch_concurrency,
+                    orders=len(batch_orders),
+                    accepted=accepted,
+                    seconds=round(elapsed_s, 3),
+                    orders_per_s=round(rate),
+                    baseline_verify_per_s=round(baseline),
+                    ratio=round(rate / baseline, 3),
+                    target_ratio=0.6,
+                )
+                accepted_single, elapsed_single_s, latencies = asyncio.run(
+                    _single_phase(target, keys, single_orders, args.in_flight)
+                )
+                _line(
+                    bench="orders",
+                    phase="single",
+                    database=backend,
+                    in_flight=args.in_flight,
+                    orders=len(single_orders),
+                    accepted=accepted_single,
+                    seconds=round(elapsed_single_s, 3),
+                    orders_per_s=round(accepted_single / elapsed_single_s),
+                    p50_ms=_percentile_ms(latencies, 0.50),
+                    p99_ms=_percentile_ms(latencies, 0.99),
+                    target_orders_per_s=3000,
+                    target_p99_ms=10,
+                )
+                stored = _stored_orders(database_url)
+                _line(bench="orders", phase="check", stored=stored, acknowledged=accepted + accepted_single)
+                if stored != accepted + accepted_single:
+                    print(
+                        f"stored {stored} orders but {accepted + accepted_single} were acknowledged",
+                        file=sys.stderr,
+                    )
+                    return 1
+            finally:
+                process.terminate()
+                try:
+                    process.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+    return 0
