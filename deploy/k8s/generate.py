@@ -103,9 +103,10 @@ def publish_allow(role: Role) -> list[str]:
         for action in ("INFO", "CREATE", "UPDATE"):
             allow.append(f"$JS.API.STREAM.{action}.{spec.name}")
     for stream in sorted({stream for stream, _ in role.consumes}):
-        # Durable pull consumers on the streams it reads: create, info, list,
-        # delete (`CONSUMER.<action>.<stream>[.<consumer>...]`), the legacy
-        # durable create, and fetching the next batch.
+        # Consumers on the streams it reads (durable pull consumers, and
+        # ordered push consumers for live views): create, info, list, delete
+        # (`CONSUMER.<action>.<stream>[.<consumer>...]`), the legacy durable
+        # create, and fetching the next batch.
         allow.append(f"$JS.API.CONSUMER.*.{stream}")
         allow.append(f"$JS.API.CONSUMER.*.{stream}.>")
         allow.append(f"$JS.API.CONSUMER.DURABLE.CREATE.{stream}.>")
@@ -117,6 +118,8 @@ def publish_allow(role: Role) -> list[str]:
         # which servers may send instead.
         allow.append(f"$JS.ACK.{stream}.>")
         allow.append(f"$JS.ACK.*.*.{stream}.>")
+        # Push and ordered consumers answer the server's flow-control requests.
+        allow.append(f"$JS.FC.{stream}.>")
     return allow
 
 
