@@ -60,7 +60,10 @@ class Settings(ServiceSettings):
         check=_check_non_negative,
     )
     live_publish_interval_s: float = setting(
-        1.0, help="how often the live view is recomputed, and published when it changed", check=check_positive
+        1.0,
+        help="at most one LiveLoading event per this many seconds, when the live view changed "
+        "(the gauges follow new readings at once)",
+        check=check_positive,
     )
     stale_after_s: float = setting(
         DEFAULT_STALE_AFTER_S,

@@ -10,14 +10,16 @@ Each meter is mapped to its node by the meter map (`--meters-path`);
 readings of unmapped meters and invalid readings are ignored. Every
 `--live-publish-interval-s` the state is recomputed, the loading and
 injection gauges are set, and a `LiveLoading` event is published when the
-state changed since the last one published.
+state changed since the last one published. New readings wake the view at
+once (a burst is taken in one update), so the gauges follow the meters within
+a fraction of a second while events stay at most one per interval.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
+import math
 import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -45,6 +47,8 @@ METERING_STREAM = "METERING"
 SOURCE_LIVE = "live"
 LIVE_SUBJECT = keyed(GRID_LOADING, "live")
 MS_PER_S = 1000
+# Readings arriving within this long of each other are taken in one update of the view.
+UPDATE_COALESCE_S = 0.1
 
 
 class LiveView:
@@ -77,6 +81,8 @@ class LiveView:
         self._unmapped: set[str] = set()
         self._violating: set[str] = set()
         self._last_published: tuple[Any, ...] | None = None
+        self._published_at = -math.inf
+        self._readings_arrived = asyncio.Event()
         self._subscription: Any = None
         self._loading = metrics.gauge("p2pgrid_line_loading_percent")
         self._injection = metrics.gauge("p2pgrid_node_injection_w")
@@ -108,6 +114,8 @@ class LiveView:
                 power_w=float(reading.power_w),
             ):
                 taken += 1
+        if taken:
+            self._readings_arrived.set()
         return taken
 
     async def _on_message(self, msg: Msg) -> None:
@@ -160,7 +168,10 @@ class LiveView:
         self._violating = violating
 
     async def tick(self) -> bool:
-        """Recompute, set the gauges, publish if changed; returns whether it published."""
+        """Recompute and set the gauges; publish if the state changed and the last publish is old enough.
+
+        Returns whether it published.
+        """
         state, _interval_start_s, _fresh = self.current()
         self._observe(state)
         signature = (
@@ -168,6 +179,8 @@ class LiveView:
             tuple(v.message for v in state.violations),
         )
         if signature == self._last_published:
+            return False
+        if time.monotonic() - self._published_at < self.publish_interval_s:
             return False
         message = events_pb2.LiveLoading(
             header=events_pb2.EventHeader(
@@ -181,14 +194,30 @@ class LiveView:
         )
         await self.bus.publish(LIVE_SUBJECT, message.SerializeToString(), event_id=message.header.event_id)
         self._last_published = signature
+        self._published_at = time.monotonic()
         return True
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Tick every publish interval until `stop`; a failed publish is retried at the next tick."""
+        """Update soon after readings arrive and at least every publish interval, until `stop`.
+
+        Readings arriving close together are taken in one update (`UPDATE_COALESCE_S`),
+        so a burst of batches costs one recomputation; events go out at most once per
+        publish interval. A failed publish is retried at the next update.
+        """
         while not stop.is_set():
+            self._readings_arrived.clear()
             try:
                 await self.tick()
             except Exception:
                 log.exception("live view update failed; retrying")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=self.publish_interval_s)
+            waiters = [
+                asyncio.ensure_future(stop.wait()),
+                asyncio.ensure_future(self._readings_arrived.wait()),
+            ]
+            _done, pending = await asyncio.wait(
+                waiters, timeout=self.publish_interval_s, return_when=asyncio.FIRST_COMPLETED
+            )
+            for waiter in pending:
+                waiter.cancel()
+            if not stop.is_set():
+                await asyncio.sleep(min(UPDATE_COALESCE_S, self.publish_interval_s))
