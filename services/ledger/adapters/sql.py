@@ -25,7 +25,6 @@ from __future__ import annotations
 import itertools
 import json
 import threading
-import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -50,16 +49,17 @@ from sqlalchemy import (
 
 from services.domain.intervals import Clock, RealClock
 from services.ledger.domain.audit import AuditReport, LedgerAuditor, VerificationError
-from services.ledger.domain.chain import hash_batch
+from services.ledger.domain.chain import ENTRY_PREFIX, hash_batch
 from services.ledger.domain.checkpoint import NO_PREVIOUS, Checkpoint, sign_checkpoint
 from services.ledger.domain.ledger import (
     AccountTotals,
     LedgerError,
     Status,
     Transfer,
-    account_kind,
+    TransferError,
     check_balance_sum,
     plan_batch,
+    plan_new_group,
 )
 from services.ledger.domain.merkle import (
     MerkleFrontier,
@@ -320,12 +320,15 @@ class _State:
 
 
 class LedgerStore:
-    """The ledger on one database: writes batches and settlements, answers queries, verifies itself."""
+    """The ledger on one database: writes batches and settlements, answers queries, verifies itself.
+
+    Without a signing key the store is read-only: queries and `verify` work, writes raise LedgerError.
+    """
 
     def __init__(
         self,
         engine: Engine,
-        signing_key: SigningKey,
+        signing_key: SigningKey | None = None,
         *,
         origin: str = DEFAULT_ORIGIN,
         clock: Clock | None = None,
@@ -342,6 +345,8 @@ class LedgerStore:
 
     @property
     def public_key(self) -> bytes:
+        if self.signing_key is None:
+            raise LedgerError("this store has no signing key (read-only)")
         return bytes(self.signing_key.verify_key)
 
     def migrate(self) -> None:
@@ -440,7 +445,7 @@ class LedgerStore:
     ) -> BatchOutcome:
         """Apply a batch (see the guarantees in services.ledger.domain.ledger); ends with a checkpoint."""
         with self._writing(connection) as conn:
-            return self._append(conn, transfers, checked=False, optimistic=False)
+            return self._append(conn, transfers, checked=False)
 
     def _lookup(self, conn: Connection, ids: Sequence[str]) -> dict[str, tuple[int, Transfer]]:
         found: dict[str, tuple[int, Transfer]] = {}
@@ -454,14 +459,11 @@ class LedgerStore:
                 found[r.transfer_id] = (int(r.seq), _transfer_from_row(r))
         return found
 
-    def _append(
-        self, conn: Connection, transfers: Sequence[Transfer], *, checked: bool, optimistic: bool
-    ) -> BatchOutcome:
+    def _append(self, conn: Connection, transfers: Sequence[Transfer], *, checked: bool) -> BatchOutcome:
+        """The careful path: look every id up, plan the batch group by group, write what is new."""
         self._backend.lock(conn)
         state = self._state_for(conn)
-        stored: dict[str, tuple[int, Transfer]] = {} if optimistic else self._lookup(
-            conn, [t.transfer_id for t in transfers if isinstance(t.transfer_id, str)]
-        )
+        stored = self._lookup(conn, [t.transfer_id for t in transfers if isinstance(t.transfer_id, str)])
         plan = plan_batch(transfers, {k: v[1] for k, v in stored.items()}, state.totals, checked=checked)
         first_seq = state.seq + 1
         seq_of = {t.transfer_id: first_seq + i for i, t in enumerate(plan.appended)}
@@ -469,49 +471,73 @@ class LedgerStore:
         for r in plan.results:
             if r.status is Status.REJECTED:
                 seqs.append(None)
-            elif r.transfer_id in stored:
-                seqs.append(stored[r.transfer_id][0])
-            else:
+            elif r.transfer_id in seq_of:
                 seqs.append(seq_of[r.transfer_id])
+            else:
+                seqs.append(stored[r.transfer_id][0])
         if not plan.appended:
             return BatchOutcome(plan.results, tuple(seqs), 0, None)
-
-        frontier = state.frontier.copy()
-        hashed = hash_batch(plan.appended, first_seq, state.head, frontier, NODE_MIN_LEVEL)
-        transfer_rows = [(first_seq + i, *t) for i, t in enumerate(plan.appended)]
-        cursor = _raw_cursor(conn)
-        if optimistic:
-            # Ids of a first settlement are new by construction; if one is taken after all,
-            # undo to the savepoint and take the careful path that looks every id up.
-            savepoint = conn.begin_nested()
-            try:
-                self._backend.insert_rows(cursor, "transfers", TRANSFER_COLUMNS, transfer_rows)
-            except self._integrity_errors:
-                savepoint.rollback()
-                return self._append(conn, transfers, checked=checked, optimistic=False)
-            savepoint.commit()
-        else:
-            self._backend.insert_rows(cursor, "transfers", TRANSFER_COLUMNS, transfer_rows)
-        self._backend.insert_rows(cursor, "chain", CHAIN_COLUMNS, hashed.chain_rows)
-        if hashed.completed_nodes:
-            self._backend.insert_rows(cursor, "merkle_nodes", ("level", "node_index", "hash"), hashed.completed_nodes)
-        totals = state.totals
-        self._backend.upsert_accounts(
-            cursor,
-            [(a, account_kind(a).value, t.debits_nano, t.credits_nano) for a, t in plan.totals.items()],
-        )
-        new_totals = dict(totals)
-        new_totals.update(plan.totals)
-        check_balance_sum(self._backend.all_totals(cursor), where=f"after the batch ending at seq {frontier.size}")
-        checkpoint = self._checkpoint(conn, state.checkpoint, frontier, hashed.chain_head)
-        self._state = _State(
-            seq=frontier.size, head=hashed.chain_head, frontier=frontier, totals=new_totals, checkpoint=checkpoint
-        )
+        checkpoint = self._write(conn, state, plan.appended, plan.totals)
         return BatchOutcome(plan.results, tuple(seqs), len(plan.appended), checkpoint)
+
+    def _append_new_group(self, conn: Connection, transfers: Sequence[Transfer]) -> tuple[int, Checkpoint | None]:
+        """The settlement's path for one linked group of new transfers; falls back to the careful path."""
+        if not transfers:
+            return 0, None
+        self._backend.lock(conn)
+        state = self._state_for(conn)
+        try:
+            totals, _new_accounts = plan_new_group(transfers, state.totals)
+        except TransferError as e:
+            raise SettlementError(str(e)) from e
+        # The ids of a settlement revision are new by construction; should one be taken after all,
+        # undo to the savepoint and let the careful path look every id up.
+        savepoint = conn.begin_nested()
+        try:
+            checkpoint = self._write(conn, state, transfers, totals)
+        except self._integrity_errors:
+            savepoint.rollback()
+            self._state = None
+            outcome = self._append(conn, transfers, checked=True)
+            if outcome.rejected:
+                raise SettlementError(outcome.rejected[0].reason) from None
+            return outcome.appended, outcome.checkpoint
+        savepoint.commit()
+        return len(transfers), checkpoint
+
+    def _write(
+        self,
+        conn: Connection,
+        state: _State,
+        appended: Sequence[Transfer],
+        touched: Mapping[str, AccountTotals],
+    ) -> Checkpoint:
+        """Append planned transfers after `state`: rows, chain, nodes, totals, balance check, checkpoint."""
+        frontier = state.frontier.copy()
+        hashed = hash_batch(appended, state.seq + 1, state.head, frontier, NODE_MIN_LEVEL)
+        backend = self._backend
+        cursor = _raw_cursor(conn)
+        backend.insert_rows(cursor, "transfers", TRANSFER_COLUMNS, hashed.transfer_rows)
+        backend.insert_rows(cursor, "chain", CHAIN_COLUMNS, hashed.chain_rows)
+        if hashed.completed_nodes:
+            backend.insert_rows(cursor, "merkle_nodes", ("level", "node_index", "hash"), hashed.completed_nodes)
+        backend.upsert_accounts(
+            cursor, [(a, a.split(":", 1)[0], t.debits_nano, t.credits_nano) for a, t in touched.items()]
+        )
+        check_balance_sum(backend.all_totals(cursor), where=f"after the batch ending at seq {frontier.size}")
+        checkpoint = self._checkpoint(conn, state.checkpoint, frontier, hashed.chain_head)
+        totals = dict(state.totals)
+        totals.update(touched)
+        self._state = _State(
+            seq=frontier.size, head=hashed.chain_head, frontier=frontier, totals=totals, checkpoint=checkpoint
+        )
+        return checkpoint
 
     def _checkpoint(
         self, conn: Connection, previous: Checkpoint | None, frontier: MerkleFrontier, chain_head: bytes
     ) -> Checkpoint:
+        if self.signing_key is None:
+            raise LedgerError("this store has no signing key: it can read and verify, not write")
         time_ms = int(self.clock.now_s() * 1000)
         if previous is not None:
             time_ms = max(time_ms, previous.time_ms)
@@ -599,15 +625,10 @@ class LedgerStore:
                         ),
                         checkpoint=None,
                     )
-            batch = self._append(conn, plan.transfers, checked=True, optimistic=True)
-            if batch.rejected:
-                raise SettlementError(
-                    f"interval {clearing.interval_start_s} of market {clearing.market_id!r}, revision "
-                    f"{plan.revision}: {batch.rejected[0].reason}"
-                )
-            state = self._state
+            appended, checkpoint = self._append_new_group(conn, plan.transfers)
+            state = self._state_for(conn) if appended == 0 else self._state
             assert state is not None
-            first_seq = state.seq - batch.appended + 1 if batch.appended else 0
+            first_seq = state.seq - appended + 1 if appended else 0
             now_ms = int(self.clock.now_s() * 1000)
             conn.execute(
                 settled_intervals_table.insert().values(
@@ -620,7 +641,7 @@ class LedgerStore:
                     meter_json=meter_state_to_json(plan.meter_state),
                     estimated_count=len(plan.estimated_participants),
                     first_seq=first_seq,
-                    transfer_count=batch.appended,
+                    transfer_count=appended,
                     tree_size=state.seq,
                     settled_at_ms=now_ms,
                 )
@@ -630,11 +651,11 @@ class LedgerStore:
                 interval_start_s=clearing.interval_start_s,
                 revision=plan.revision,
                 status=SettlementStatus.SETTLED if plan.revision == 0 else SettlementStatus.CORRECTED,
-                transfer_count=batch.appended,
+                transfer_count=appended,
                 first_seq=first_seq,
                 tree_size=state.seq,
                 estimated_participants=plan.estimated_participants,
-                checkpoint=batch.checkpoint,
+                checkpoint=checkpoint,
             )
 
     # ----------------------------------------------------------------- reads
@@ -853,19 +874,23 @@ def _audit(
     except (TypeError, ValueError) as e:
         raise VerificationError(f"checkpoints or merkle_nodes hold a malformed value: {e}") from e
     auditor = LedgerAuditor(checkpoints, nodes, NODE_MIN_LEVEL, trusted_public_key)
-    transfer_sql = (
-        f"SELECT {', '.join(TRANSFER_COLUMNS)} FROM transfers WHERE seq > {ph} ORDER BY seq LIMIT {ph}"
+    # The canonical entry (services/ledger/domain/chain.py) is concatenated by the database: one
+    # string per row instead of nine values; integers print in canonical decimal on both databases.
+    entry_sql = " || '|' || ".join(f"t.{c}" for c in TRANSFER_COLUMNS[1:])
+    rows_sql = (
+        "SELECT t.seq, c.seq, t.debit_account, t.credit_account, t.amount_nano, t.interval_start_s, "
+        f"'{ENTRY_PREFIX}|' || {entry_sql}, c.transfer_id = t.transfer_id, c.entry_hash, c.chained_hash "
+        f"FROM transfers t LEFT JOIN chain c ON c.seq = t.seq WHERE t.seq > {ph} ORDER BY t.seq LIMIT {ph}"
     )
-    chain_sql = f"SELECT {', '.join(CHAIN_COLUMNS)} FROM chain WHERE seq > {ph} ORDER BY seq LIMIT {ph}"
+    cursor.execute("SELECT COUNT(*) FROM chain")
+    chain_rows = int(cursor.fetchone()[0])
     last = 0
     while True:
-        cursor.execute(transfer_sql, (last, chunk))
-        transfer_rows = cursor.fetchall()
-        cursor.execute(chain_sql, (last, chunk))
-        chain_rows = cursor.fetchall()
-        if not transfer_rows and not chain_rows:
+        cursor.execute(rows_sql, (last, chunk))
+        rows = cursor.fetchall()
+        if not rows:
             break
-        auditor.feed(transfer_rows, chain_rows)
+        auditor.feed(rows)
         last = auditor.verified_transfers
         if progress is not None:
             progress(last, total)
@@ -875,7 +900,7 @@ def _audit(
         "SELECT market_id, interval_start_s, revision, first_seq, transfer_count, tree_size FROM settled_intervals"
     )
     settled = cursor.fetchall()
-    return auditor.finish(accounts, settled)
+    return auditor.finish(chain_rows, accounts, settled)
 
 
 def _transfer_from_row(r: Any) -> Transfer:
@@ -924,10 +949,6 @@ def load_signing_key(seed: bytes) -> SigningKey:
     return SigningKey(seed)
 
 
-def now_ms() -> int:
-    return int(time.time() * 1000)
-
-
 __all__ = [
     "AccountNotFoundError",
     "LedgerCorruptError",
@@ -939,5 +960,3 @@ __all__ = [
     "metadata",
     "migrate_ledger",
 ]
-
-_ = Mapping  # re-exported typing helpers are not needed at runtime

@@ -25,7 +25,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from services.ledger.domain.chain import ENTRY_PREFIX, GENESIS_HASH, parse_entry
+from services.ledger.domain.chain import GENESIS_HASH, parse_entry
 from services.ledger.domain.checkpoint import (
     NO_PREVIOUS,
     Checkpoint,
@@ -55,12 +55,6 @@ class AuditReport:
     root_hash: bytes
     signed_by: tuple[bytes, ...]
     """The public keys the checkpoints are signed with (one, unless the key was rotated)."""
-
-
-TransferRow = Sequence[Any]
-"""(seq, transfer_id, debit_account, credit_account, amount_nano, code, interval_start_s, linked_group, flags)"""
-ChainRowIn = Sequence[Any]
-"""(seq, transfer_id, entry_hash, chained_hash)"""
 
 
 class LedgerAuditor:
@@ -118,22 +112,18 @@ class LedgerAuditor:
             previous_hash = checkpoint.checkpoint_hash()
             previous = checkpoint
 
-    def _fail_row(self, seq: int, tr: TransferRow | None, cr: ChainRowIn | None) -> None:
-        if tr is None or tr[0] != seq:
-            raise VerificationError(
-                f"transfers: no row for seq {seq} (found {'none' if tr is None else tr[0]}): "
-                "a transfer was deleted or moved"
-            )
-        if cr is None or cr[0] != seq:
-            raise VerificationError(
-                f"chain: no row for seq {seq} (found {'none' if cr is None else cr[0]}): "
-                "a chain row was deleted or moved"
-            )
+    def feed(self, rows: Sequence[Sequence[Any]]) -> None:
+        """Verify the next rows, in sequence order, starting right after the last fed seq.
 
-    def feed(self, transfer_rows: Sequence[TransferRow], chain_rows: Sequence[ChainRowIn]) -> None:
-        """Verify the next rows of both tables, in sequence order, starting right after the last fed seq."""
+        A row joins a transfer with the chain row of the same seq:
+        (transfers.seq, chain.seq, debit_account, credit_account, amount_nano,
+        interval_start_s, entry, chain.transfer_id = transfers.transfer_id,
+        entry_hash, chained_hash), where `entry` is the canonical encoding of
+        the stored fields, built by the database so that a row costs few
+        Python objects. Whatever builds it, a stored field that differs from
+        what was hashed gives a different entry.
+        """
         sha = hashlib.sha256
-        prefix = ENTRY_PREFIX
         seq = self._seq
         head = self._head
         debits = self._debits
@@ -141,49 +131,47 @@ class LedgerAuditor:
         intervals = self._intervals
         heads_at = self._heads_at
         leaves: list[bytes] = []
-        n = min(len(transfer_rows), len(chain_rows))
-        for i in range(n):
-            tr = transfer_rows[i]
-            cr = chain_rows[i]
+        leaf = leaves.append
+        for r in rows:
             seq += 1
-            if tr[0] != seq or cr[0] != seq:
-                self._fail_row(seq, tr, cr)
-            tid = tr[1]
-            if cr[1] != tid:
+            if r[0] != seq:
                 raise VerificationError(
-                    f"seq {seq}: transfers row has id {tid!r}, chain row {cr[1]!r}: one of them was changed"
+                    f"transfers: no row for seq {seq} (next is {r[0]}): a transfer was deleted or moved"
                 )
-            text = f"\x00{prefix}|{tid}|{tr[2]}|{tr[3]}|{tr[4]}|{tr[5]}|{tr[6]}|{tr[7]}|{tr[8]}"
+            if r[1] != seq:
+                raise VerificationError(f"chain: no row for seq {seq}: a chain row was deleted or moved")
+            if not r[7]:
+                raise VerificationError(
+                    f"seq {seq}: the chain row names another transfer id than the transfers row: one was changed"
+                )
+            entry = r[6]
             try:
-                h = sha(text.encode("ascii")).digest()
-            except UnicodeEncodeError:
-                raise VerificationError(f"transfer seq {seq}: a field holds non-ASCII characters") from None
-            if h != cr[2]:
-                self._explain_entry_mismatch(seq, tr, text[1:])
+                h = sha(b"\x00" + entry.encode("ascii")).digest()
+            except (AttributeError, UnicodeEncodeError):
+                raise VerificationError(f"transfer seq {seq}: a field is empty or holds non-ASCII characters") from None
+            if h != r[8]:
+                self._explain_entry_mismatch(seq, entry)
             head = sha(head + h).digest()
-            if head != cr[3]:
+            if head != r[9]:
                 raise VerificationError(
                     f"chain seq {seq}: chained hash does not follow from the previous one and the entry hash"
                 )
             signed_head = heads_at.get(seq)
             if signed_head is not None and signed_head != head:
                 raise VerificationError(f"checkpoint of size {seq}: the chain head differs from the signed one")
-            leaves.append(h)
-            amount = tr[4]
-            if type(amount) is not int:
-                raise VerificationError(f"transfer seq {seq}: amount_nano is stored as {type(amount).__name__}")
-            debits[tr[2]] = debits.get(tr[2], 0) + amount
-            credits[tr[3]] = credits.get(tr[3], 0) + amount
-            intervals.append(tr[6])
-        if len(transfer_rows) != len(chain_rows):
-            extra_t = transfer_rows[n] if len(transfer_rows) > n else None
-            extra_c = chain_rows[n] if len(chain_rows) > n else None
-            self._fail_row(seq + 1, extra_t, extra_c)
+            leaf(h)
+            amount = r[4]
+            if type(amount) is not int or type(r[5]) is not int:
+                raise VerificationError(f"transfer seq {seq}: amount_nano or interval_start_s is not an integer")
+            debits[r[2]] = debits.get(r[2], 0) + amount
+            credits[r[3]] = credits.get(r[3], 0) + amount
+            intervals.append(r[5])
         self._append_leaves(self._seq, leaves)
         self._seq = seq
         self._head = head
 
-    def _explain_entry_mismatch(self, seq: int, tr: TransferRow, entry: str) -> None:
+    def _explain_entry_mismatch(self, seq: int, entry: str) -> None:
+        problem: str | None
         try:
             transfer = parse_entry(entry)
             problem = transfer_problem(transfer)
@@ -191,7 +179,7 @@ class LedgerAuditor:
             problem = str(exc)
         detail = f" ({problem})" if problem else ""
         raise VerificationError(
-            f"transfer seq {seq} ({tr[1]!r}): its entry hash does not match the chain{detail}: "
+            f"transfer seq {seq}: its entry hash does not match the chain{detail}: "
             "the transfer or its chain row was changed"
         )
 
@@ -235,12 +223,17 @@ class LedgerAuditor:
 
     def finish(
         self,
+        chain_rows: int,
         accounts: Iterable[tuple[str, str, int, int]],
         settled: Iterable[tuple[str, int, int, int, int, int]],
     ) -> AuditReport:
         """Final checks; `accounts` rows are (id, kind, debits, credits), `settled` rows
         (market_id, interval_start_s, revision, first_seq, transfer_count, tree_size)."""
         size = self._seq
+        if chain_rows != size:
+            raise VerificationError(
+                f"chain: {chain_rows} rows for {size} transfers: transfers were deleted or chain rows added"
+            )
         if self._next_checkpoint < len(self._checkpoints):
             orphan = self._checkpoints[self._next_checkpoint][0]
             raise VerificationError(

@@ -31,6 +31,7 @@ are. The storage adapter only writes what the plan says.
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -349,6 +350,38 @@ def plan_batch(
         totals={a: t for a, t in new_totals.items() if a in touched},
         new_accounts=tuple(a for a in new_accounts if a in touched),
     )
+
+
+def plan_new_group(
+    transfers: Sequence[Transfer], totals: Mapping[str, AccountTotals]
+) -> tuple[dict[str, AccountTotals], tuple[str, ...]]:
+    """New totals and new accounts for one linked group of trusted, new transfers (the settlement's path).
+
+    Equivalent to `plan_batch(..., checked=True)` when no id exists yet, at a
+    fraction of its cost. Amounts are positive, so the totals only grow and
+    checking the final totals for overflow checks every intermediate one.
+    Raises TransferError if an account would overflow: the group is then
+    rejected as a whole.
+    """
+    debited: dict[str, int] = {}
+    credited: dict[str, int] = {}
+    for t in transfers:
+        debited[t[1]] = debited.get(t[1], 0) + t[3]
+        credited[t[2]] = credited.get(t[2], 0) + t[3]
+    new_totals: dict[str, AccountTotals] = {}
+    new_accounts: list[str] = []
+    zero = AccountTotals()
+    for account in dict.fromkeys(itertools.chain(debited, credited)):
+        base = totals.get(account)
+        if base is None:
+            new_accounts.append(account)
+            base = zero
+        debits = base.debits_nano + debited.get(account, 0)
+        credits = base.credits_nano + credited.get(account, 0)
+        if debits > MAX_AMOUNT_NANO or credits > MAX_AMOUNT_NANO:
+            raise TransferError(f"totals of {account} would exceed {MAX_AMOUNT_NANO} nano; the group is rejected")
+        new_totals[account] = AccountTotals(debits, credits)
+    return new_totals, tuple(new_accounts)
 
 
 def check_balance_sum(totals: Iterable[tuple[int, int]], *, where: str) -> None:

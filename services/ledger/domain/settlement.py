@@ -223,12 +223,22 @@ def validate_inputs(inputs: SettlementInputs) -> None:
         _check_int(
             price, f"clearing.node_prices[{node}]", -MAX_PRICE_MICRO_PER_KWH, MAX_PRICE_MICRO_PER_KWH
         )
+    valid_names: set[str] = set()
+
+    def valid(name: object) -> bool:
+        if name in valid_names:
+            return True
+        if isinstance(name, str) and _NAME_RE.fullmatch(name):
+            valid_names.add(name)
+            return True
+        return False
+
     bought: dict[str, int] = {}
     sold: dict[str, int] = {}
     for i, t in enumerate(c.trades):
         where = f"clearing.trades[{i}]"
         for name in (t.buyer_id, t.seller_id):
-            if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+            if not valid(name):
                 raise SettlementInputError(f"{where}: participant id {name!r} must match {ACCOUNT_NAME_PATTERN}")
         if t.buyer_id == t.seller_id:
             raise SettlementInputError(f"{where}: buyer and seller are both {t.buyer_id!r}")
@@ -241,7 +251,7 @@ def validate_inputs(inputs: SettlementInputs) -> None:
     seen: set[str] = set()
     for i, a in enumerate(c.accepted):
         where = f"clearing.accepted[{i}]"
-        if not isinstance(a.participant_id, str) or not _NAME_RE.fullmatch(a.participant_id):
+        if not valid(a.participant_id):
             raise SettlementInputError(f"{where}: participant id {a.participant_id!r} must match {ACCOUNT_NAME_PATTERN}")
         if a.participant_id in seen:
             raise SettlementInputError(f"{where}: participant {a.participant_id!r} appears twice")
@@ -258,7 +268,7 @@ def validate_inputs(inputs: SettlementInputs) -> None:
     seen_meters: set[str] = set()
     for i, m in enumerate(inputs.meter_energy):
         where = f"meter_energy[{i}]"
-        if not isinstance(m.participant_id, str) or not _NAME_RE.fullmatch(m.participant_id):
+        if not valid(m.participant_id):
             raise SettlementInputError(f"{where}: participant id {m.participant_id!r} must match {ACCOUNT_NAME_PATTERN}")
         if m.participant_id in seen_meters:
             raise SettlementInputError(f"{where}: participant {m.participant_id!r} appears twice")
@@ -465,6 +475,18 @@ class Leg(NamedTuple):
     estimated: bool = False
 
 
+_new_tuple = tuple.__new__
+
+# Short tags in transfer ids, one per code, so that the legs of one trade share a digest.
+CODE_TAGS = {
+    CODE_PURCHASE: "tp",
+    CODE_SALE: "ts",
+    CODE_GRID_FEE: "gf",
+    CODE_CONGESTION_RENT: "cr",
+    CODE_DEVIATION: "dv",
+}
+
+
 def settlement_legs(clearing: ClearingResult, state: MeterState, rules: SettlementRules) -> dict[tuple[str, ...], Leg]:
     """Every amount the rules say is owed for the interval, given the meter data in `state`."""
     prices = clearing.node_prices_micro_per_kwh
@@ -487,36 +509,41 @@ def settlement_legs(clearing: ClearingResult, state: MeterState, rules: Settleme
         energy[k] = energy.get(k, 0) + t.energy_wh
 
     legs: dict[tuple[str, ...], Leg] = {}
+    new = _new_tuple
     rent = 0
     fee_by_buyer = rules.grid_fee_payer is FeePayer.BUYER
+    fee_rates: dict[tuple[str, str], int] = {}
     for (buyer, buyer_node, seller, seller_node), energy_wh in energy.items():
         buyer_account = account_of(buyer)
         seller_account = account_of(seller)
         purchase = energy_wh * prices[buyer_node]
         sale = energy_wh * prices[seller_node]
         rent += purchase - sale
-        legs[(CODE_PURCHASE, buyer, buyer_node, seller, seller_node)] = Leg(
-            (CODE_PURCHASE, buyer, buyer_node, seller, seller_node), buyer_account, market, purchase
-        )
-        legs[(CODE_SALE, buyer, buyer_node, seller, seller_node)] = Leg(
-            (CODE_SALE, buyer, buyer_node, seller, seller_node), market, seller_account, sale
-        )
+        key = (CODE_PURCHASE, buyer, buyer_node, seller, seller_node)
+        legs[key] = new(Leg, (key, buyer_account, market, purchase, False))
+        key = (CODE_SALE, buyer, buyer_node, seller, seller_node)
+        legs[key] = new(Leg, (key, market, seller_account, sale, False))
         fee_account = buyer_account if fee_by_buyer else seller_account
         if fee_account != utility:
+            rate = fee_rates.get((buyer_node, seller_node))
+            if rate is None:
+                rate = fee_rates[(buyer_node, seller_node)] = rules.grid_fee_for(buyer_node, seller_node)
             key = (CODE_GRID_FEE, buyer, buyer_node, seller, seller_node)
-            legs[key] = Leg(key, fee_account, grid, energy_wh * rules.grid_fee_for(buyer_node, seller_node))
-    legs[(CODE_CONGESTION_RENT,)] = Leg((CODE_CONGESTION_RENT,), market, grid, rent)
+            legs[key] = new(Leg, (key, fee_account, grid, energy_wh * rate, False))
+    key = (CODE_CONGESTION_RENT,)
+    legs[key] = Leg(key, market, grid, rent)
 
     contracted = {a.participant_id: a.bought_wh - a.sold_wh for a in clearing.accepted}
     retail = rules.retail_tariff_micro_per_kwh
     feed_in = rules.feed_in_tariff_micro_per_kwh
+    measured = MeterQuality.MEASURED
     for participant, (import_wh, export_wh, quality) in state.items():
         if participant == utility_pid:
             continue
         deviation_wh = (import_wh - export_wh) - contracted.get(participant, 0)
         amount = deviation_wh * (retail if deviation_wh > 0 else feed_in)
         key = (CODE_DEVIATION, participant)
-        legs[key] = Leg(key, account_of(participant), utility, amount, quality is not MeterQuality.MEASURED)
+        legs[key] = new(Leg, (key, account_of(participant), utility, amount, quality is not measured))
     return legs
 
 
@@ -536,38 +563,60 @@ def correction_legs(
     return out
 
 
-def transfer_id_for(market_id: str, interval_start_s: int, revision: int, key: Iterable[str]) -> str:
-    """`<interval_start_s>.<32 hex>`: deterministic, and ordered by interval so index inserts stay local."""
-    text = "|".join((market_id, str(interval_start_s), str(revision), *key))
-    return f"{interval_start_s}.{hashlib.sha256(text.encode()).hexdigest()[:32]}"
+def transfer_id_for(market_id: str, interval_start_s: int, revision: int, key: Sequence[str]) -> str:
+    """`<interval_start_s>.<30 hex>.<tag>`, deterministic from (market, interval, revision, rule, parties).
+
+    The digest covers the parties, the tag names the rule, so the legs of one
+    trade share one digest; the interval comes first so that the ids of one
+    interval sort together and index inserts stay local.
+    """
+    text = "|".join((market_id, str(interval_start_s), str(revision), *key[1:]))
+    return f"{interval_start_s}.{hashlib.sha256(text.encode()).hexdigest()[:30]}.{CODE_TAGS[key[0]]}"
 
 
 def legs_to_transfers(
     legs: Mapping[tuple[str, ...], Leg], market_id: str, interval_start_s: int, revision: int
 ) -> list[Transfer]:
-    """The transfers that book `legs`, in key order, all linked into one group (all or nothing)."""
+    """The transfers that book `legs`, sorted by id and all linked into one group (all or nothing)."""
     sha = hashlib.sha256
     prefix = f"{market_id}|{interval_start_s}|{revision}|"
     id_prefix = f"{interval_start_s}."
     base_flags = FLAG_CORRECTION if revision else 0
+    estimated_flags = base_flags | FLAG_ESTIMATED
+    digests: dict[tuple[str, ...], str] = {}
     staged: list[tuple[str, str, str, int, str, int]] = []
-    for key in sorted(legs):
-        leg = legs[key]
-        amount = leg.amount_nano
-        if amount == 0:
+    push = staged.append
+    for key, leg in legs.items():
+        amount = leg[3]
+        if not amount:
             continue
         if amount > 0:
-            debit, credit = leg.payer, leg.payee
+            debit, credit = leg[1], leg[2]
         else:
-            debit, credit, amount = leg.payee, leg.payer, -amount
+            debit, credit, amount = leg[2], leg[1], -amount
         if amount > MAX_AMOUNT_NANO:
             raise SettlementInputError(f"leg {key}: amount {amount} nano exceeds one transfer's limit")
-        tid = id_prefix + sha((prefix + "|".join(key)).encode()).hexdigest()[:32]
-        staged.append((tid, debit, credit, amount, key[0], base_flags | (FLAG_ESTIMATED if leg.estimated else 0)))
+        parties = key[1:]
+        digest = digests.get(parties)
+        if digest is None:
+            digest = digests[parties] = sha((prefix + "|".join(parties)).encode()).hexdigest()[:30]
+        code = key[0]
+        push(
+            (
+                f"{id_prefix}{digest}.{CODE_TAGS[code]}",
+                debit,
+                credit,
+                amount,
+                code,
+                estimated_flags if leg[4] else base_flags,
+            )
+        )
     if not staged:
         return []
+    staged.sort()
     group = staged[0][0]
-    return [Transfer(tid, d, c, a, code, interval_start_s, group, f) for tid, d, c, a, code, f in staged]
+    new = _new_tuple
+    return [new(Transfer, (tid, d, c, a, code, interval_start_s, group, f)) for tid, d, c, a, code, f in staged]
 
 
 @dataclass(frozen=True, slots=True)
