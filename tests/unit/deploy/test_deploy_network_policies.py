@@ -217,7 +217,7 @@ def _flows(
         (OPERATOR, by_service["matcher"], grpc, "TCP"),  # what-if clearings
         (by_service["meter_ingest"], MODBUS_METER, 502, "TCP"),
     ]
-    for service, pod in by_service.items():
+    for pod in by_service.values():
         needed += [(pod, server, 4222, "TCP") for server in nats]
         needed.append((prometheus, pod, metrics, "TCP"))
     for service in _with_database():
