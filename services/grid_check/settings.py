@@ -25,7 +25,13 @@ SECONDS_PER_MINUTE = 60
 
 
 def _check_operator_keys(value: str) -> None:
-    parse_operator_keys(value)
+    for position, item in enumerate(part.strip() for part in value.split(",")):
+        if not item:
+            continue
+        try:
+            parse_operator_keys(item)
+        except ValueError as exc:
+            raise ValueError(f"key {position + 1} ({item[:16]!r}): {exc}") from None
 
 
 def _check_non_negative(value: float) -> None:

@@ -60,7 +60,7 @@ def stored_rows(database_url: str) -> int:
 def code_of(call: Any) -> tuple[grpc.StatusCode, str]:
     with pytest.raises(grpc.RpcError) as info:
         call()
-    return info.value.code(), info.value.details()
+    return info.value.code(), info.value.details() or ""
 
 
 RATINGS = {"l1": (40_000, "rating"), "l2": (39_999, "rating"), "l3": (20_000, "rating")}

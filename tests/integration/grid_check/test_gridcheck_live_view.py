@@ -26,7 +26,12 @@ def pct(flow_w: float, limit_w: int) -> float:
     return 100.0 * abs(flow_w) / limit_w
 
 
-async def publish_readings(url: str, batch_no: int, readings: dict[str, int], quality: int = 0) -> None:
+async def publish_readings(
+    url: str,
+    batch_no: int,
+    readings: dict[str, int],
+    quality: meter_ingest_pb2.Quality.ValueType = meter_ingest_pb2.QUALITY_VALID,
+) -> None:
     """One ReadingsBatch of power per meter (positive importing), stamped now."""
     now_ms = int(time.time() * 1000)
     batch = events_pb2.ReadingsBatch(
@@ -36,7 +41,7 @@ async def publish_readings(url: str, batch_no: int, readings: dict[str, int], qu
                 meter_id=meter_id,
                 time_ms=now_ms,
                 power_w=power_w,
-                quality=quality or meter_ingest_pb2.QUALITY_VALID,
+                quality=quality,
             )
             for meter_id, power_w in readings.items()
         ],

@@ -73,9 +73,15 @@ def test_a_result_overloading_a_line_by_1_w_fails_naming_the_line_and_a_feasible
     # n0 -> n1: the same energy stops before l2, so only l1 carries it, exactly at its limit.
     feasible = clearing_event(start_s + INTERVAL_S, "n0", "n1", 10_000, {"l1": 40_000, "l2": 0, "l3": 0})
 
-    verdicts = asyncio.run(publish_and_collect(nats_server.url, [overloaded, feasible], expected=2))
+    # A second, different result for an interval already judged is judged too, under its own id.
+    rerun = clearing_event(start_s + INTERVAL_S, "n0", "n1", 5_000, {"l1": 20_000})
+    rerun.header.event_id = f"clearing-result-{start_s + INTERVAL_S}-rerun"
 
-    by_interval = {verdict.interval_start_s: (msg_id, verdict) for msg_id, verdict in verdicts}
+    verdicts = asyncio.run(publish_and_collect(nats_server.url, [overloaded, feasible, rerun], expected=3))
+
+    rerun_ids = [msg_id for msg_id, _verdict in verdicts[2:]]
+    assert len(rerun_ids) == 1 and rerun_ids[0].startswith(f"grid-verdict-{start_s + INTERVAL_S}-")
+    by_interval = {verdict.interval_start_s: (msg_id, verdict) for msg_id, verdict in verdicts[:2]}
     msg_id, failing = by_interval[start_s]
     assert msg_id == f"grid-verdict-{start_s}"
     assert failing.header.event_id == msg_id
@@ -92,7 +98,7 @@ def test_a_result_overloading_a_line_by_1_w_fails_naming_the_line_and_a_feasible
     assert list(passing.violations) == []
 
     assert service.sample("p2pgrid_grid_verdicts_total", outcome="fail") == 1.0
-    assert service.sample("p2pgrid_grid_verdicts_total", outcome="pass") == 1.0
+    assert service.sample("p2pgrid_grid_verdicts_total", outcome="pass") == 2.0
     assert service.sample("p2pgrid_grid_violations_total", line="l2", source="clearing") == 1.0
     assert service.sample("p2pgrid_grid_violations_total", line="l1", source="clearing") is None
     assert service.stop() == 0, service.log()
