@@ -99,7 +99,9 @@ class LedgerAuditor:
                 )
             if previous is not None:
                 if size <= previous.tree_size:
-                    raise VerificationError(f"checkpoint sizes do not increase: {previous.tree_size} then {size}")
+                    raise VerificationError(
+                        f"checkpoint sizes do not increase: {previous.tree_size} then {size}"
+                    )
                 if checkpoint.origin != previous.origin:
                     raise VerificationError(
                         f"checkpoint of size {size} has origin {checkpoint.origin!r}, "
@@ -148,7 +150,9 @@ class LedgerAuditor:
             try:
                 h = sha(b"\x00" + entry.encode("ascii")).digest()
             except (AttributeError, UnicodeEncodeError):
-                raise VerificationError(f"transfer seq {seq}: a field is empty or holds non-ASCII characters") from None
+                raise VerificationError(
+                    f"transfer seq {seq}: a field is empty or holds non-ASCII characters"
+                ) from None
             if h != r[8]:
                 self._explain_entry_mismatch(seq, entry)
             head = sha(head + h).digest()
@@ -158,11 +162,15 @@ class LedgerAuditor:
                 )
             signed_head = heads_at.get(seq)
             if signed_head is not None and signed_head != head:
-                raise VerificationError(f"checkpoint of size {seq}: the chain head differs from the signed one")
+                raise VerificationError(
+                    f"checkpoint of size {seq}: the chain head differs from the signed one"
+                )
             leaf(h)
             amount = r[4]
             if type(amount) is not int or type(r[5]) is not int:
-                raise VerificationError(f"transfer seq {seq}: amount_nano or interval_start_s is not an integer")
+                raise VerificationError(
+                    f"transfer seq {seq}: amount_nano or interval_start_s is not an integer"
+                )
             debits[r[2]] = debits.get(r[2], 0) + amount
             credits[r[3]] = credits.get(r[3], 0) + amount
             intervals.append(r[5])
@@ -274,7 +282,9 @@ class LedgerAuditor:
             except AccountError as exc:
                 raise VerificationError(f"accounts: {exc}") from None
             if kind != real_kind.value:
-                raise VerificationError(f"accounts: {account!r} has kind {kind!r}, its id says {real_kind.value!r}")
+                raise VerificationError(
+                    f"accounts: {account!r} has kind {kind!r}, its id says {real_kind.value!r}"
+                )
             want_debits = self._debits.get(account, 0)
             want_credits = self._credits.get(account, 0)
             if debits != want_debits or credits != want_credits:
@@ -306,9 +316,7 @@ class LedgerAuditor:
                 if first_seq + transfer_count - 1 != tree_size or tree_size not in sizes:
                     raise VerificationError(f"{where}: its transfers do not end at a checkpoint")
                 wrong = [
-                    s
-                    for s in range(first_seq, tree_size + 1)
-                    if self._intervals[s - 1] != interval_start_s
+                    s for s in range(first_seq, tree_size + 1) if self._intervals[s - 1] != interval_start_s
                 ]
                 if wrong:
                     raise VerificationError(f"{where}: transfer seq {wrong[0]} belongs to another interval")

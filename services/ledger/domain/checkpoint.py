@@ -75,7 +75,9 @@ class Checkpoint:
         if not isinstance(data, Mapping):
             raise CheckpointError("checkpoint must be a JSON object")
         if data.get("format") != CHECKPOINT_FORMAT:
-            raise CheckpointError(f"checkpoint.format must be {CHECKPOINT_FORMAT!r}, got {data.get('format')!r}")
+            raise CheckpointError(
+                f"checkpoint.format must be {CHECKPOINT_FORMAT!r}, got {data.get('format')!r}"
+            )
         return cls(
             origin=_text(data, "origin"),
             tree_size=_int(data, "tree_size"),
@@ -164,6 +166,8 @@ def verify_checkpoint(checkpoint: Checkpoint, trusted_public_key: bytes | None =
         body = checkpoint.signed_bytes()
         VerifyKey(checkpoint.public_key).verify(body, checkpoint.signature)
     except BadSignatureError as exc:
-        raise CheckpointError(f"checkpoint of size {checkpoint.tree_size}: signature does not verify") from exc
+        raise CheckpointError(
+            f"checkpoint of size {checkpoint.tree_size}: signature does not verify"
+        ) from exc
     except (ValueError, TypeError) as exc:
         raise CheckpointError(f"checkpoint of size {checkpoint.tree_size}: {exc}") from exc

@@ -379,7 +379,9 @@ def plan_new_group(
         debits = base.debits_nano + debited.get(account, 0)
         credits = base.credits_nano + credited.get(account, 0)
         if debits > MAX_AMOUNT_NANO or credits > MAX_AMOUNT_NANO:
-            raise TransferError(f"totals of {account} would exceed {MAX_AMOUNT_NANO} nano; the group is rejected")
+            raise TransferError(
+                f"totals of {account} would exceed {MAX_AMOUNT_NANO} nano; the group is rejected"
+            )
         new_totals[account] = AccountTotals(debits, credits)
     return new_totals, tuple(new_accounts)
 

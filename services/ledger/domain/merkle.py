@@ -88,7 +88,9 @@ class MerkleFrontier:
         hashes.append(h)
         self.size = size + 1
 
-    def extend(self, leaves: Sequence[bytes], min_level: int, completed: list[tuple[int, int, bytes]]) -> None:
+    def extend(
+        self, leaves: Sequence[bytes], min_level: int, completed: list[tuple[int, int, bytes]]
+    ) -> None:
         """Append many leaf hashes (the loop of `append`, inlined because it runs once per transfer)."""
         size = self.size
         hashes = self.hashes
@@ -232,10 +234,14 @@ def root_from_inclusion_proof(leaf_index: int, tree_size: int, leaf: bytes, proo
     return r
 
 
-def verify_inclusion(leaf_index: int, tree_size: int, leaf: bytes, proof: Sequence[bytes], root: bytes) -> None:
+def verify_inclusion(
+    leaf_index: int, tree_size: int, leaf: bytes, proof: Sequence[bytes], root: bytes
+) -> None:
     """Raise ProofError unless `proof` shows `leaf` at `leaf_index` in the tree of `tree_size` and `root`."""
     if root_from_inclusion_proof(leaf_index, tree_size, leaf, proof) != root:
-        raise ProofError(f"inclusion proof for leaf {leaf_index} does not lead to the root of size {tree_size}")
+        raise ProofError(
+            f"inclusion proof for leaf {leaf_index} does not lead to the root of size {tree_size}"
+        )
 
 
 def verify_consistency(
@@ -284,6 +290,8 @@ def verify_consistency(
     if sn != 0:
         raise ProofError("consistency proof is shorter than the tree is deep")
     if fr != old_root:
-        raise ProofError(f"consistency proof does not lead to the old root of size {old_size}: the history forked")
+        raise ProofError(
+            f"consistency proof does not lead to the old root of size {old_size}: the history forked"
+        )
     if sr != new_root:
         raise ProofError(f"consistency proof does not lead to the new root of size {new_size}")

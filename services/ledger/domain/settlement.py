@@ -37,7 +37,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from enum import IntEnum, StrEnum
 from typing import Any, NamedTuple
@@ -174,7 +174,8 @@ class SettlementInputs:
             "trades": [[t.buyer_id, t.buyer_node, t.seller_id, t.seller_node, t.energy_wh] for t in c.trades],
             "accepted": [[a.participant_id, a.bought_wh, a.sold_wh] for a in c.accepted],
             "meter_energy": [
-                [m.participant_id, m.import_wh, m.export_wh, m.quality.name.lower()] for m in self.meter_energy
+                [m.participant_id, m.import_wh, m.export_wh, m.quality.name.lower()]
+                for m in self.meter_energy
             ],
         }
 
@@ -220,9 +221,7 @@ def validate_inputs(inputs: SettlementInputs) -> None:
     for node, price in c.node_prices_micro_per_kwh.items():
         if not isinstance(node, str) or not _NODE_RE.fullmatch(node):
             raise SettlementInputError(f"clearing.node_prices: node {node!r} must match {NODE_PATTERN}")
-        _check_int(
-            price, f"clearing.node_prices[{node}]", -MAX_PRICE_MICRO_PER_KWH, MAX_PRICE_MICRO_PER_KWH
-        )
+        _check_int(price, f"clearing.node_prices[{node}]", -MAX_PRICE_MICRO_PER_KWH, MAX_PRICE_MICRO_PER_KWH)
     valid_names: set[str] = set()
 
     def valid(name: object) -> bool:
@@ -239,7 +238,9 @@ def validate_inputs(inputs: SettlementInputs) -> None:
         where = f"clearing.trades[{i}]"
         for name in (t.buyer_id, t.seller_id):
             if not valid(name):
-                raise SettlementInputError(f"{where}: participant id {name!r} must match {ACCOUNT_NAME_PATTERN}")
+                raise SettlementInputError(
+                    f"{where}: participant id {name!r} must match {ACCOUNT_NAME_PATTERN}"
+                )
         if t.buyer_id == t.seller_id:
             raise SettlementInputError(f"{where}: buyer and seller are both {t.buyer_id!r}")
         for node in (t.buyer_node, t.seller_node):
@@ -252,7 +253,9 @@ def validate_inputs(inputs: SettlementInputs) -> None:
     for i, a in enumerate(c.accepted):
         where = f"clearing.accepted[{i}]"
         if not valid(a.participant_id):
-            raise SettlementInputError(f"{where}: participant id {a.participant_id!r} must match {ACCOUNT_NAME_PATTERN}")
+            raise SettlementInputError(
+                f"{where}: participant id {a.participant_id!r} must match {ACCOUNT_NAME_PATTERN}"
+            )
         if a.participant_id in seen:
             raise SettlementInputError(f"{where}: participant {a.participant_id!r} appears twice")
         seen.add(a.participant_id)
@@ -269,7 +272,9 @@ def validate_inputs(inputs: SettlementInputs) -> None:
     for i, m in enumerate(inputs.meter_energy):
         where = f"meter_energy[{i}]"
         if not valid(m.participant_id):
-            raise SettlementInputError(f"{where}: participant id {m.participant_id!r} must match {ACCOUNT_NAME_PATTERN}")
+            raise SettlementInputError(
+                f"{where}: participant id {m.participant_id!r} must match {ACCOUNT_NAME_PATTERN}"
+            )
         if m.participant_id in seen_meters:
             raise SettlementInputError(f"{where}: participant {m.participant_id!r} appears twice")
         seen_meters.add(m.participant_id)
@@ -320,9 +325,12 @@ class SettlementRules:
             if not isinstance(value, str) or not _NAME_RE.fullmatch(value):
                 raise RulesError(f"{name} {value!r} must match {ACCOUNT_NAME_PATTERN}")
         if self.utility_participant_id is not None and (
-            not isinstance(self.utility_participant_id, str) or not _NAME_RE.fullmatch(self.utility_participant_id)
+            not isinstance(self.utility_participant_id, str)
+            or not _NAME_RE.fullmatch(self.utility_participant_id)
         ):
-            raise RulesError(f"utility_participant_id {self.utility_participant_id!r} must match {ACCOUNT_NAME_PATTERN}")
+            raise RulesError(
+                f"utility_participant_id {self.utility_participant_id!r} must match {ACCOUNT_NAME_PATTERN}"
+            )
         for name in (
             "retail_tariff_micro_per_kwh",
             "feed_in_tariff_micro_per_kwh",
@@ -332,9 +340,13 @@ class SettlementRules:
         ):
             value = getattr(self, name)
             if type(value) is not int or not 0 <= value <= MAX_PRICE_MICRO_PER_KWH:
-                raise RulesError(f"{name} must be an integer from 0 to {MAX_PRICE_MICRO_PER_KWH}, got {value!r}")
+                raise RulesError(
+                    f"{name} must be an integer from 0 to {MAX_PRICE_MICRO_PER_KWH}, got {value!r}"
+                )
         if type(self.metering_delay_s) is not int or self.metering_delay_s < 0:
-            raise RulesError(f"metering_delay_s must be a non-negative integer, got {self.metering_delay_s!r}")
+            raise RulesError(
+                f"metering_delay_s must be a non-negative integer, got {self.metering_delay_s!r}"
+            )
         if not isinstance(self.feeders, Mapping) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in self.feeders.items()
         ):
@@ -385,13 +397,14 @@ class SettlementRules:
         if unknown:
             raise RulesError(f"unknown settlement rule field(s) {unknown}; known: {sorted(known)}")
         values = dict(data)
-        try:
-            if "grid_fee_payer" in values:
-                values["grid_fee_payer"] = FeePayer(values["grid_fee_payer"])
-            if "missing_meter_estimate" in values:
-                values["missing_meter_estimate"] = MissingEstimate(values["missing_meter_estimate"])
-        except ValueError as exc:
-            raise RulesError(str(exc)) from exc
+        for name, enum in (("grid_fee_payer", FeePayer), ("missing_meter_estimate", MissingEstimate)):
+            if name in values:
+                try:
+                    values[name] = enum(values[name])
+                except ValueError:
+                    raise RulesError(
+                        f"{name} {values[name]!r} must be one of {[e.value for e in enum]}"
+                    ) from None
         if "feeders" in values and values["feeders"] is not None:
             values["feeders"] = dict(values["feeders"])
         return cls(**values)
@@ -451,9 +464,7 @@ def merge_meter_state(old: MeterState, delivered: Sequence[MeterEnergy]) -> Mete
 
 
 def meter_state_to_json(state: MeterState) -> str:
-    return json.dumps(
-        {p: [i, e, int(q)] for p, (i, e, q) in sorted(state.items())}, separators=(",", ":")
-    )
+    return json.dumps({p: [i, e, int(q)] for p, (i, e, q) in sorted(state.items())}, separators=(",", ":"))
 
 
 def meter_state_from_json(text: str) -> MeterState:
@@ -487,7 +498,9 @@ CODE_TAGS = {
 }
 
 
-def settlement_legs(clearing: ClearingResult, state: MeterState, rules: SettlementRules) -> dict[tuple[str, ...], Leg]:
+def settlement_legs(
+    clearing: ClearingResult, state: MeterState, rules: SettlementRules
+) -> dict[tuple[str, ...], Leg]:
     """Every amount the rules say is owed for the interval, given the meter data in `state`."""
     prices = clearing.node_prices_micro_per_kwh
     market = account_id(AccountKind.MARKET, clearing.market_id)
@@ -530,8 +543,8 @@ def settlement_legs(clearing: ClearingResult, state: MeterState, rules: Settleme
                 rate = fee_rates[(buyer_node, seller_node)] = rules.grid_fee_for(buyer_node, seller_node)
             key = (CODE_GRID_FEE, buyer, buyer_node, seller, seller_node)
             legs[key] = new(Leg, (key, fee_account, grid, energy_wh * rate, False))
-    key = (CODE_CONGESTION_RENT,)
-    legs[key] = Leg(key, market, grid, rent)
+    rent_key: tuple[str, ...] = (CODE_CONGESTION_RENT,)
+    legs[rent_key] = Leg(rent_key, market, grid, rent)
 
     contracted = {a.participant_id: a.bought_wh - a.sold_wh for a in clearing.accepted}
     retail = rules.retail_tariff_micro_per_kwh
@@ -542,8 +555,10 @@ def settlement_legs(clearing: ClearingResult, state: MeterState, rules: Settleme
             continue
         deviation_wh = (import_wh - export_wh) - contracted.get(participant, 0)
         amount = deviation_wh * (retail if deviation_wh > 0 else feed_in)
-        key = (CODE_DEVIATION, participant)
-        legs[key] = new(Leg, (key, account_of(participant), utility, amount, quality is not measured))
+        deviation_key: tuple[str, ...] = (CODE_DEVIATION, participant)
+        legs[deviation_key] = new(
+            Leg, (deviation_key, account_of(participant), utility, amount, quality is not measured)
+        )
     return legs
 
 
@@ -616,7 +631,9 @@ def legs_to_transfers(
     staged.sort()
     group = staged[0][0]
     new = _new_tuple
-    return [new(Transfer, (tid, d, c, a, code, interval_start_s, group, f)) for tid, d, c, a, code, f in staged]
+    return [
+        new(Transfer, (tid, d, c, a, code, interval_start_s, group, f)) for tid, d, c, a, code, f in staged
+    ]
 
 
 @dataclass(frozen=True, slots=True)

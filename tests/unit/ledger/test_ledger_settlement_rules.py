@@ -1,0 +1,238 @@
+"""Settlement rules on a small interval worked out by hand: trades at node prices, fees, deviations, corrections."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from services.ledger.domain.ledger import FLAG_CORRECTION, FLAG_ESTIMATED, Transfer
+from services.ledger.domain.settlement import (
+    AcceptedEnergy,
+    ClearingResult,
+    MeterEnergy,
+    MeterQuality,
+    RulesError,
+    SettlementConflictError,
+    SettlementInputError,
+    SettlementInputs,
+    SettlementRules,
+    Trade,
+    merge_meter_state,
+    plan_first_settlement,
+    plan_resettlement,
+    settlement_due_s,
+    validate_inputs,
+)
+
+START_S = 1_748_736_000
+RULES = SettlementRules.from_yaml(
+    """
+grid_operator: dso
+utility: ewz
+retail_tariff_micro_per_kwh: 300000
+feed_in_tariff_micro_per_kwh: 80000
+grid_fee_micro_per_kwh: 60000
+grid_fee_same_feeder_micro_per_kwh: 30000
+grid_fee_same_node_micro_per_kwh: 15000
+feeders: {n1: f1, n2: f1, n3: f2}
+"""
+)
+PRICES = {"n1": 200_000, "n2": 250_000, "n3": 180_000}
+
+
+def clearing(trades: list[Trade] | None = None) -> ClearingResult:
+    trades = trades or [Trade("alice", "n2", "bob", "n1", 1000), Trade("carol", "n3", "dave", "n3", 500)]
+    bought: dict[str, int] = {}
+    sold: dict[str, int] = {}
+    for t in trades:
+        bought[t.buyer_id] = bought.get(t.buyer_id, 0) + t.energy_wh
+        sold[t.seller_id] = sold.get(t.seller_id, 0) + t.energy_wh
+    accepted = tuple(AcceptedEnergy(p, bought.get(p, 0), sold.get(p, 0)) for p in sorted(bought.keys() | sold.keys()))
+    return ClearingResult("demo", START_S, PRICES, tuple(trades), accepted)
+
+
+METER = (
+    MeterEnergy("alice", 1200, 0),
+    MeterEnergy("bob", 0, 900),
+    MeterEnergy("dave", 0, 600),
+)
+
+
+def by_code(transfers: list[Transfer]) -> dict[tuple[str, str, str], int]:
+    return {(t.code, t.debit_account, t.credit_account): t.amount_nano for t in transfers}
+
+
+def balances(transfers: list[Transfer]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for t in transfers:
+        out[t.debit_account] = out.get(t.debit_account, 0) - t.amount_nano
+        out[t.credit_account] = out.get(t.credit_account, 0) + t.amount_nano
+    return out
+
+
+def test_an_interval_settles_trades_at_node_prices_with_rent_fees_and_deviations() -> None:
+    plan = plan_first_settlement(SettlementInputs(clearing(), METER), RULES)
+    amounts = by_code(plan.transfers)
+    assert amounts == {
+        ("trade.purchase", "participant:alice", "market:demo"): 1000 * 250_000,
+        ("trade.sale", "market:demo", "participant:bob"): 1000 * 200_000,
+        ("grid_fee", "participant:alice", "grid_operator:dso"): 1000 * 30_000,  # same feeder f1
+        ("trade.purchase", "participant:carol", "market:demo"): 500 * 180_000,
+        ("trade.sale", "market:demo", "participant:dave"): 500 * 180_000,
+        ("grid_fee", "participant:carol", "grid_operator:dso"): 500 * 15_000,  # same node
+        ("congestion_rent", "market:demo", "grid_operator:dso"): 1000 * (250_000 - 200_000),
+        # alice used 200 Wh more than she bought, bob delivered 100 Wh less than he sold: retail.
+        ("deviation", "participant:alice", "utility:ewz"): 200 * 300_000,
+        ("deviation", "participant:bob", "utility:ewz"): 100 * 300_000,
+        # dave delivered 100 Wh more than he sold: feed-in.
+        ("deviation", "utility:ewz", "participant:dave"): 100 * 80_000,
+    }
+    assert balances(plan.transfers)["market:demo"] == 0
+    assert sum(balances(plan.transfers).values()) == 0
+    # carol's meter is missing: settled as contracted, so no deviation, but flagged until measured.
+    assert plan.estimated_participants == ("carol",)
+    assert plan.meter_state["carol"] == (500, 0, MeterQuality.MISSING)
+    assert all(t.flags == 0 for t in plan.transfers)
+
+
+def test_transfers_are_deterministic_whatever_the_order_of_the_rows() -> None:
+    base = plan_first_settlement(SettlementInputs(clearing(), METER), RULES).transfers
+    trades = list(clearing().trades)
+    meter = list(METER)
+    rng = random.Random(3)
+    for _ in range(5):
+        rng.shuffle(trades)
+        rng.shuffle(meter)
+        again = plan_first_settlement(SettlementInputs(clearing(trades), tuple(meter)), RULES).transfers
+        assert again == base
+    assert len({t.transfer_id for t in base}) == len(base)
+    assert all(t.linked_group == base[0].transfer_id for t in base)
+    assert [t.transfer_id for t in base] == sorted(t.transfer_id for t in base)
+    assert all(t.transfer_id.startswith(f"{START_S}.") for t in base)
+
+
+def test_measured_data_for_a_missing_meter_books_only_the_difference_as_a_correction() -> None:
+    inputs = SettlementInputs(clearing(), METER)
+    first = plan_first_settlement(inputs, RULES)
+    late = SettlementInputs(clearing(), (MeterEnergy("carol", 450, 0),))
+    second = plan_resettlement(late, RULES, first.meter_state, 0)
+    assert second is not None
+    assert second.revision == 1
+    assert second.estimated_participants == ()
+    # carol used 50 Wh less than she bought: the utility pays her feed-in for 50 Wh.
+    assert [(t.code, t.debit_account, t.credit_account, t.amount_nano, t.flags) for t in second.transfers] == [
+        ("deviation", "utility:ewz", "participant:carol", 50 * 80_000, FLAG_CORRECTION)
+    ]
+    assert not set(t.transfer_id for t in second.transfers) & set(t.transfer_id for t in first.transfers)
+    # The same delivery again changes nothing.
+    assert plan_resettlement(late, RULES, second.meter_state, 1) is None
+
+
+def test_estimated_data_is_flagged_and_corrected_by_measured_data_in_either_direction() -> None:
+    meter = (*METER, MeterEnergy("carol", 700, 0, MeterQuality.ESTIMATED))
+    first = plan_first_settlement(SettlementInputs(clearing(), meter), RULES)
+    estimated = [t for t in first.transfers if t.flags & FLAG_ESTIMATED]
+    assert [(t.debit_account, t.amount_nano) for t in estimated] == [("participant:carol", 200 * 300_000)]
+    second = plan_resettlement(SettlementInputs(clearing(), (MeterEnergy("carol", 400, 0),)), RULES, first.meter_state, 0)
+    assert second is not None
+    # From paying 200 Wh at retail to being paid 100 Wh at feed-in: the utility pays back both.
+    (correction,) = second.transfers
+    assert (correction.debit_account, correction.credit_account) == ("utility:ewz", "participant:carol")
+    assert correction.amount_nano == 200 * 300_000 + 100 * 80_000
+    assert correction.flags == FLAG_CORRECTION
+    total = balances([*first.transfers, *second.transfers])
+    assert total["participant:carol"] == -500 * 180_000 - 500 * 15_000 + 100 * 80_000
+
+
+def test_meter_data_only_improves_and_contradicting_measurements_are_refused() -> None:
+    state = {"a": (10, 0, MeterQuality.MISSING), "b": (5, 0, MeterQuality.MEASURED)}
+    assert merge_meter_state(state, [MeterEnergy("a", 7, 0, MeterQuality.ESTIMATED)])["a"] == (
+        7,
+        0,
+        MeterQuality.ESTIMATED,
+    )
+    assert merge_meter_state(state, [MeterEnergy("b", 9, 0, MeterQuality.ESTIMATED)]) == state
+    assert merge_meter_state(state, [MeterEnergy("b", 5, 0)]) == state
+    with pytest.raises(SettlementConflictError, match="'b'"):
+        merge_meter_state(state, [MeterEnergy("b", 6, 0)])
+
+
+def test_the_utility_standing_orders_book_to_the_utility_without_grid_fee_or_deviation() -> None:
+    rules = SettlementRules.from_mapping({**RULES.to_mapping(), "utility_participant_id": "grid-supply"})
+    trades = [Trade("alice", "n2", "grid-supply", "n1", 400)]
+    plan = plan_first_settlement(SettlementInputs(clearing(trades), (MeterEnergy("alice", 400, 0),)), rules)
+    assert by_code(plan.transfers) == {
+        ("trade.purchase", "participant:alice", "market:demo"): 400 * 250_000,
+        ("trade.sale", "market:demo", "utility:ewz"): 400 * 200_000,
+        ("grid_fee", "participant:alice", "grid_operator:dso"): 400 * 30_000,
+        ("congestion_rent", "market:demo", "grid_operator:dso"): 400 * 50_000,
+    }
+
+
+def test_the_seller_pays_the_grid_fee_when_the_rules_say_so() -> None:
+    rules = SettlementRules.from_mapping({**RULES.to_mapping(), "grid_fee_payer": "seller"})
+    plan = plan_first_settlement(SettlementInputs(clearing(), METER), rules)
+    fees = {t.debit_account: t.amount_nano for t in plan.transfers if t.code == "grid_fee"}
+    assert fees == {"participant:bob": 1000 * 30_000, "participant:dave": 500 * 15_000}
+
+
+def test_rules_have_defaults_and_refuse_unknown_or_bad_fields() -> None:
+    assert SettlementRules.from_mapping(None) == SettlementRules()
+    assert SettlementRules.from_mapping(RULES.to_mapping()) == RULES
+    with pytest.raises(RulesError, match="grid_fee_micro_per_kwhh"):
+        SettlementRules.from_mapping({"grid_fee_micro_per_kwhh": 1})
+    with pytest.raises(RulesError, match="retail_tariff_micro_per_kwh"):
+        SettlementRules.from_mapping({"retail_tariff_micro_per_kwh": -1})
+    with pytest.raises(RulesError, match="grid_fee_payer"):
+        SettlementRules.from_mapping({"grid_fee_payer": "nobody"})
+    with pytest.raises(RulesError, match="YAML"):
+        SettlementRules.from_yaml("a: [")
+    assert settlement_due_s(START_S, 900, RULES) == START_S + 900 + 900
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda c: {"trades": (Trade("alice", "n9", "bob", "n1", 10),)}, r"clearing.trades\[0\]: node 'n9'"),
+        (lambda c: {"trades": (Trade("alice", "n2", "alice", "n1", 10),)}, r"clearing.trades\[0\]: buyer and seller"),
+        (lambda c: {"trades": (Trade("al|ce", "n2", "bob", "n1", 10),)}, r"clearing.trades\[0\]: participant id"),
+        (lambda c: {"trades": (*c.trades[:1], Trade("alice", "n2", "bob", "n1", 0))}, r"clearing.trades\[1\].energy_wh"),
+        (lambda c: {"accepted": c.accepted[1:]}, r"has trades but no accepted row"),
+        (lambda c: {"accepted": (AcceptedEnergy("alice", 999, 0), *c.accepted[1:])}, r"clearing.accepted\[0\]"),
+        (lambda c: {"interval_start_s": START_S + 1}, r"interval_start_s"),
+        (lambda c: {"node_prices_micro_per_kwh": {**PRICES, "n1": 10**10}}, r"node_prices\[n1\]"),
+    ],
+)
+def test_bad_clearing_input_is_refused_naming_the_row(change, message: str) -> None:  # type: ignore[no-untyped-def]
+    base = clearing()
+    fields = {
+        "market_id": base.market_id,
+        "interval_start_s": base.interval_start_s,
+        "node_prices_micro_per_kwh": base.node_prices_micro_per_kwh,
+        "trades": base.trades,
+        "accepted": base.accepted,
+    }
+    fields.update(change(base))
+    with pytest.raises(SettlementInputError, match=message):
+        validate_inputs(SettlementInputs(ClearingResult(**fields), METER))
+
+
+def test_bad_meter_input_is_refused_naming_the_row() -> None:
+    with pytest.raises(SettlementInputError, match=r"meter_energy\[1\]: participant 'alice' appears twice"):
+        validate_inputs(SettlementInputs(clearing(), (METER[0], METER[0])))
+    with pytest.raises(SettlementInputError, match=r"meter_energy\[0\].import_wh"):
+        validate_inputs(SettlementInputs(clearing(), (MeterEnergy("alice", -1, 0),)))
+    with pytest.raises(SettlementInputError, match=r"quality"):
+        validate_inputs(SettlementInputs(clearing(), (MeterEnergy("alice", 1, 0, MeterQuality.MISSING),)))
+
+
+def test_the_recorded_form_round_trips_and_the_digest_ignores_row_order() -> None:
+    inputs = SettlementInputs(clearing(), METER)
+    again = SettlementInputs.from_json(inputs.to_json())
+    assert again == inputs
+    shuffled = clearing(list(reversed(clearing().trades)))
+    assert shuffled.digest() == inputs.clearing.digest()
+    assert clearing([Trade("alice", "n2", "bob", "n1", 1001)]).digest() != inputs.clearing.digest()
+    with pytest.raises(SettlementInputError, match="recorded"):
+        SettlementInputs.from_json({"market_id": "demo"})
