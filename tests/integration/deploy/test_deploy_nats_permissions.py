@@ -16,7 +16,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -28,7 +28,7 @@ from services.platform.nats_server import free_port, nats_server_binary
 
 REPO = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(REPO / "deploy" / "k8s"))
-import generate  # noqa: E402  (deploy/k8s/generate.py: the role table and the rendered users)
+import generate  # type: ignore[import-not-found]  # noqa: E402  (deploy/k8s/generate.py: the role table and the rendered users)
 
 T = TypeVar("T")
 PASSWORDS = {service: secrets.token_hex(12) for service in generate.ROLES}
@@ -50,7 +50,10 @@ def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     env = {**os.environ, **{generate.password_variable(name): pw for name, pw in PASSWORDS.items()}}
     with open(folder / "nats.log", "wb") as log:
         process = subprocess.Popen(
-            [nats_server_binary(), "-c", str(folder / "nats.conf")], stdout=log, stderr=subprocess.STDOUT, env=env
+            [nats_server_binary(), "-c", str(folder / "nats.conf")],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
         )
     try:
         deadline = time.monotonic() + 10
@@ -71,8 +74,11 @@ def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         process.wait(timeout=10)
 
 
-def _run(coro: Awaitable[T]) -> T:
-    return asyncio.run(asyncio.wait_for(coro, timeout=60))  # type: ignore[arg-type]
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    async def bounded() -> T:
+        return await asyncio.wait_for(coro, timeout=60)
+
+    return asyncio.run(bounded())
 
 
 async def _connect(server_url: str, service: str, password: str | None = None) -> NatsBus:
@@ -85,10 +91,10 @@ def _concrete(pattern: str, key: str) -> str:
     return pattern.replace(">", key) if pattern.endswith(">") else pattern
 
 
-async def _denied(action: Callable[[], Awaitable[Any]]) -> bool:
+async def _denied(action: Awaitable[Any]) -> bool:
     """True if the action fails: a permission violation shows as an error or as no answer at all."""
     try:
-        await asyncio.wait_for(action(), timeout=DENIED_TIMEOUT_S)
+        await asyncio.wait_for(action, timeout=DENIED_TIMEOUT_S)
     except Exception:
         return True
     return False
@@ -122,20 +128,26 @@ def test_no_service_publishes_another_services_events_or_deletes_a_stream(server
             attempts: list[tuple[str, Awaitable[bool]]] = []
             for service, bus in buses.items():
                 own = set(generate.ROLES[service].publishes)
-                for other, role in generate.ROLES.items():
+                for role in generate.ROLES.values():
                     for pattern in set(role.publishes) - own:
                         subject = _concrete(pattern, f"forged-by-{service}")
                         attempts.append(
                             (
                                 f"{service} published {subject}",
-                                _denied(lambda bus=bus, subject=subject: bus.publish(subject, b"x", event_id=subject)),
+                                _denied(bus.publish(subject, b"x", event_id=subject)),
                             )
                         )
                 attempts.append(
-                    (f"{service} deleted stream CLEARING", _denied(lambda bus=bus: bus.js.delete_stream("CLEARING")))
+                    (
+                        f"{service} deleted stream CLEARING",
+                        _denied(bus.js.delete_stream("CLEARING")),
+                    )
                 )
                 attempts.append(
-                    (f"{service} purged stream LEDGER", _denied(lambda bus=bus: bus.js.purge_stream("LEDGER")))
+                    (
+                        f"{service} purged stream LEDGER",
+                        _denied(bus.js.purge_stream("LEDGER")),
+                    )
                 )
             results = await asyncio.gather(*(attempt for _, attempt in attempts))
             allowed = [what for (what, _), denied in zip(attempts, results, strict=True) if not denied]
@@ -150,9 +162,7 @@ def test_no_service_publishes_another_services_events_or_deletes_a_stream(server
 
 
 def test_every_consumer_reads_and_acknowledges_the_streams_it_consumes(server_url: str) -> None:
-    producers = {
-        pattern: service for service, role in generate.ROLES.items() for pattern in role.publishes
-    }
+    producers = {pattern: service for service, role in generate.ROLES.items() for pattern in role.publishes}
 
     async def scenario() -> None:
         for service, role in generate.ROLES.items():
@@ -166,7 +176,9 @@ def test_every_consumer_reads_and_acknowledges_the_streams_it_consumes(server_ur
                     await producer.publish(subject, b"payload", event_id=f"event-{durable}")
                     stop = asyncio.Event()
                     received = []
-                    async for batch in consumer.pull(stream, durable, subject, fetch_timeout_s=0.5, stop=stop):
+                    async for batch in consumer.pull(
+                        stream, durable, subject, fetch_timeout_s=0.5, stop=stop
+                    ):
                         for delivery in batch:
                             received.append(delivery.subject)
                             await delivery.ack()
@@ -176,7 +188,9 @@ def test_every_consumer_reads_and_acknowledges_the_streams_it_consumes(server_ur
                     deadline = time.monotonic() + 5
                     while await consumer.consumer_pending(stream, durable) and time.monotonic() < deadline:
                         await asyncio.sleep(0.05)
-                    assert await consumer.consumer_pending(stream, durable) == 0, f"{service} could not ack {stream}"
+                    assert await consumer.consumer_pending(stream, durable) == 0, (
+                        f"{service} could not ack {stream}"
+                    )
                 finally:
                     await consumer.close()
                     await producer.close()
@@ -229,9 +243,7 @@ def test_no_service_reads_a_stream_it_does_not_consume(server_url: str) -> None:
                     (
                         f"{service} read {spec.name}",
                         _denied(
-                            lambda js=js, spec=spec, service=service: js.pull_subscribe(
-                                spec.subjects[0], durable=f"{service}-snoop", stream=spec.name
-                            )
+                            js.pull_subscribe(spec.subjects[0], durable=f"{service}-snoop", stream=spec.name)
                         ),
                     )
                 )
@@ -249,7 +261,11 @@ def test_no_service_reads_a_stream_it_does_not_consume(server_url: str) -> None:
 def test_the_matcher_asks_grid_check_for_limits_and_nobody_else_may(server_url: str) -> None:
     async def scenario() -> tuple[bytes, list[str]]:
         grid_check = await _connect(server_url, "grid_check")
-        others = {service: await _connect(server_url, service) for service in generate.ROLES if service != "grid_check"}
+        others = {
+            service: await _connect(server_url, service)
+            for service in generate.ROLES
+            if service != "grid_check"
+        }
         try:
 
             async def answer(payload: bytes) -> bytes:
@@ -264,11 +280,13 @@ def test_the_matcher_asks_grid_check_for_limits_and_nobody_else_may(server_url: 
             askers = [service for service in others if service != "matcher"]
             denied = await asyncio.gather(
                 *(
-                    _denied(lambda bus=others[service]: bus.request(subjects.GRID_LIMITS_REQUEST, b"x", timeout_s=1))
+                    _denied(others[service].request(subjects.GRID_LIMITS_REQUEST, b"x", timeout_s=1))
                     for service in askers
                 )
             )
-            return reply, [f"{service} got limits" for service, no in zip(askers, denied, strict=True) if not no]
+            return reply, [
+                f"{service} got limits" for service, no in zip(askers, denied, strict=True) if not no
+            ]
         finally:
             for bus in [grid_check, *others.values()]:
                 await bus.close()

@@ -26,7 +26,9 @@ from deploy_checks import (
 
 from services.platform.metrics import SPECS
 
-LABEL_VALUES = re.compile(r"^label_values\((?P<metric>[a-zA-Z_:][a-zA-Z0-9_:]*)\s*,\s*(?P<label>[a-zA-Z_]\w*)\)$")
+LABEL_VALUES = re.compile(
+    r"^label_values\((?P<metric>[a-zA-Z_:][a-zA-Z0-9_:]*)\s*,\s*(?P<label>[a-zA-Z_]\w*)\)$"
+)
 
 
 def _alert_expressions() -> list[tuple[str, str]]:
@@ -65,9 +67,16 @@ def _check_names(where: str, expr: str) -> list[str]:
 
 def test_the_four_dashboards_exist_and_the_configmap_carries_exactly_them() -> None:
     names = set(dashboards())
-    assert names == {"p2pgrid-market.json", "p2pgrid-grid.json", "p2pgrid-metering.json", "p2pgrid-services.json"}
+    assert names == {
+        "p2pgrid-market.json",
+        "p2pgrid-grid.json",
+        "p2pgrid-metering.json",
+        "p2pgrid-services.json",
+    }
     kustomization = yaml.safe_load((DEPLOY / "grafana" / "kustomization.yaml").read_text())
-    generator = next(item for item in kustomization["configMapGenerator"] if item["name"] == "grafana-dashboards")
+    generator = next(
+        item for item in kustomization["configMapGenerator"] if item["name"] == "grafana-dashboards"
+    )
     assert {Path(path).name for path in generator["files"]} == names
 
 
@@ -85,7 +94,9 @@ def test_every_variable_lists_a_label_of_a_catalog_metric() -> None:
         assert match, f"{query.where}: expected label_values(metric, label), got {query.expr}"
         spec = SPECS.get(match["metric"])
         assert spec is not None, f"{query.where}: {match['metric']} is not in the catalog"
-        assert match["label"] in spec.labels, f"{query.where}: {match['metric']} has no label {match['label']}"
+        assert match["label"] in spec.labels, (
+            f"{query.where}: {match['metric']} has no label {match['label']}"
+        )
 
 
 def test_every_alert_rule_names_only_catalog_metrics_and_their_labels() -> None:
@@ -130,7 +141,9 @@ def test_promtool_rejects_a_broken_query(tmp_path: Path) -> None:
     path.write_text(
         yaml.safe_dump({"groups": [{"name": "g", "rules": [{"record": "r", "expr": "sum by (node (x)"}]}]})
     )
-    result = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [promtool, "check", "rules", str(path)], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode != 0
 
 
@@ -146,7 +159,7 @@ def test_every_dashboard_is_well_formed_for_grafana(name: str) -> None:
     occupied: set[tuple[int, int]] = set()
     for panel in dashboard["panels"]:
         position = panel["gridPos"]
-        assert 0 <= position["x"] and position["x"] + position["w"] <= 24, panel["title"]
+        assert position["x"] >= 0 and position["x"] + position["w"] <= 24, panel["title"]
         cells = {
             (x, y)
             for x in range(position["x"], position["x"] + position["w"])
@@ -176,7 +189,9 @@ def test_the_dashboards_are_built_from_their_description() -> None:
 
 
 def test_grafana_provisioning_points_at_the_mounted_dashboards_and_prometheus() -> None:
-    provider = yaml.safe_load((DEPLOY / "grafana" / "provisioning" / "dashboards" / "p2pgrid.yaml").read_text())
+    provider = yaml.safe_load(
+        (DEPLOY / "grafana" / "provisioning" / "dashboards" / "p2pgrid.yaml").read_text()
+    )
     path = provider["providers"][0]["options"]["path"]
     grafana = yaml.safe_load_all((K8S / "components" / "monitoring" / "grafana.yaml").read_text())
     deployment = next(doc for doc in grafana if doc["kind"] == "Deployment")
@@ -184,7 +199,9 @@ def test_grafana_provisioning_points_at_the_mounted_dashboards_and_prometheus() 
     mounts = {mount["mountPath"]: mount["name"] for mount in container["volumeMounts"]}
     volumes = {volume["name"]: volume for volume in deployment["spec"]["template"]["spec"]["volumes"]}
     assert volumes[mounts[path]]["configMap"]["name"] == "grafana-dashboards"
-    datasource = yaml.safe_load((DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yaml").read_text())
+    datasource = yaml.safe_load(
+        (DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yaml").read_text()
+    )
     (source,) = datasource["datasources"]
     assert source["type"] == "prometheus"
     env = {entry["name"]: entry.get("value") for entry in container["env"]}
