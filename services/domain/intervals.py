@@ -91,10 +91,12 @@ class SimulatedClock:
     def __post_init__(self) -> None:
         if self.speedup <= 0:
             raise ValueError(f"speedup must be positive, got {self.speedup}")
+        if self.anchor_wall_s == 0.0:
+            # No shared anchor given: the clock reads start_s now, when it is made.
+            object.__setattr__(self, "anchor_wall_s", time.time())
 
     def now_s(self) -> float:
-        anchor = self.anchor_wall_s or time.time()
-        return self.start_s + (time.time() - anchor) * self.speedup
+        return self.start_s + (time.time() - self.anchor_wall_s) * self.speedup
 
     async def sleep_until(self, t_s: float) -> None:
         while True:

@@ -39,3 +39,10 @@ def test_a_participant_id_is_derived_from_its_public_key() -> None:
     assert participant_id_from_public_key(bytes(32)) != participant_id_from_public_key(b"\x01" + bytes(31))
     with pytest.raises(ValueError, match="32 bytes"):
         participant_id_from_public_key(b"short")
+
+
+def test_a_simulated_clock_without_an_anchor_starts_when_it_is_made_and_then_runs() -> None:
+    clock = SimulatedClock(start_s=5_000.0, speedup=1_000.0)
+    assert 5_000.0 <= clock.now_s() < 5_000.0 + 1_000.0
+    time.sleep(0.05)
+    assert clock.now_s() >= 5_000.0 + 40.0
