@@ -5,15 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 import pytest
-from nacl.signing import SigningKey
+from ledger_testing import LATE_CLOCK, LEDGER_KEY
 
-from services.domain.intervals import SimulatedClock
 from services.ledger.adapters.sql import LedgerStore, migrate_ledger
 from services.platform.db import make_engine
-
-# 2031-01-01: every interval the tests settle lies before it, so the metering deadline has passed.
-LATE_CLOCK = SimulatedClock(start_s=1_924_992_000.0)
-LEDGER_KEY = SigningKey(bytes.fromhex("9d61b19deffd5a60ba844af492ec2cc44449c5697b326919703bac031cae7f60"))
 
 
 @pytest.fixture
