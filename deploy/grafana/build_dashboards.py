@@ -328,7 +328,7 @@ GRID = Dashboard(
                     "Clearing results that grid_check's independent re-check did not pass: each one means the matcher is wrong.",
                     (
                         instant(
-                            'sum(increase(p2pgrid_grid_verdicts_total{outcome!="ok"}[$__range])) or vector(0)'
+                            'sum(increase(p2pgrid_grid_verdicts_total{outcome!="pass"}[$__range])) or vector(0)'
                         ),
                     ),
                     kind="stat",
