@@ -240,7 +240,7 @@ async def _read_requests(nats_url: str, wait_s: float) -> list[tuple[str, events
         deadline = time.monotonic() + wait_s
         while True:
             try:
-                msgs = await subscription.fetch(500, timeout=0.5)
+                msgs = await subscription.fetch(500, timeout=0.2)
             except (nats.errors.TimeoutError, TimeoutError):
                 if time.monotonic() >= deadline:
                     return found
