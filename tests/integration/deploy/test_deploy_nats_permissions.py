@@ -27,8 +27,11 @@ from services.platform.nats_bus import NatsBus
 from services.platform.nats_server import free_port, nats_server_binary
 
 REPO = Path(__file__).resolve().parents[3]
-sys.path.insert(0, str(REPO / "deploy" / "k8s"))
-import generate  # type: ignore[import-not-found]  # noqa: E402  (deploy/k8s/generate.py: the role table and the rendered users)
+sys.path.insert(0, str(REPO / "tests" / "unit" / "deploy"))
+from deploy_checks import K8S, load_script  # noqa: E402
+
+# deploy/k8s/generate.py: the table of who publishes and consumes what, and the rendered users.
+generate = load_script(K8S / "generate.py")
 
 T = TypeVar("T")
 PASSWORDS = {service: secrets.token_hex(12) for service in generate.ROLES}

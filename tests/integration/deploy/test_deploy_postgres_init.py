@@ -64,7 +64,8 @@ def test_the_init_script_creates_each_services_role_and_database_from_its_url(ad
         with engine.connect() as conn:
             for service, name in names.items():
                 owner = conn.execute(
-                    text("select pg_get_userbyid(datdba) from pg_database where datname = :name"), {"name": name}
+                    text("select pg_get_userbyid(datdba) from pg_database where datname = :name"),
+                    {"name": name},
                 ).scalar_one()
                 assert owner == name, service
                 can_login = conn.execute(
@@ -91,7 +92,10 @@ def test_the_init_script_creates_each_services_role_and_database_from_its_url(ad
 
 @pytest.mark.postgres
 def test_the_init_script_refuses_a_url_it_cannot_read(admin_url: str) -> None:
-    env = {**os.environ, **{f"DATABASE_URL_{service.upper()}": "not a url" for service in SERVICES_WITH_DATABASE}}
+    env = {
+        **os.environ,
+        **{f"DATABASE_URL_{service.upper()}": "not a url" for service in SERVICES_WITH_DATABASE},
+    }
     result = subprocess.run(["sh", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode != 0
     assert "database_url for METER_INGEST" in result.stderr

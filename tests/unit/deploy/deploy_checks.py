@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import importlib
+import importlib.util
 import json
 import os
 import re
@@ -45,6 +47,27 @@ def require_tool(name: str) -> str:
             pytest.fail(message)
         pytest.skip(message)
     return path
+
+
+def require_module(name: str) -> Any:
+    """The imported module; without it the test fails when CI is set and is skipped otherwise."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        message = f"Python package for {name} not installed: run `make setup` (dev extras)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message, allow_module_level=True)
+
+
+def load_script(path: Path) -> Any:
+    """Import a script of deploy/ (generate.py, build_dashboards.py) as a module."""
+    spec = importlib.util.spec_from_file_location(f"deploy_script_{path.stem}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 @functools.cache

@@ -11,7 +11,6 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-import kubernetes_validate  # type: ignore[import-untyped]
 import pytest
 import yaml
 from deploy_checks import (
@@ -23,6 +22,7 @@ from deploy_checks import (
     named,
     of_kind,
     render,
+    require_module,
     require_tool,
     service_deployments,
     workloads,
@@ -31,6 +31,7 @@ from deploy_checks import (
 from services.platform.subjects import STREAMS
 from services.stack.supervisor import SERVICES
 
+kubernetes_validate = require_module("kubernetes_validate")
 SECRET_NAME = "p2pgrid-secrets"
 GRPC_PORT = 50051
 METRICS_PORT = 9464
