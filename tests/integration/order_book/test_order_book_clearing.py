@@ -247,6 +247,7 @@ def test_a_result_computed_on_another_order_set_is_refused_and_the_right_one_sti
 
 
 @pytest.mark.slow
+@pytest.mark.postgres
 def test_after_a_stop_the_order_book_freezes_every_interval_whose_gate_passed_meanwhile(
     order_book_factory: OrderBookFactory, postgres_url: str, nats_server: NatsServer
 ) -> None:
