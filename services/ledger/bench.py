@@ -115,7 +115,10 @@ def _rows_by_interval(engine: Engine) -> list[Batch]:
 def _core_insert(engine: Engine, batches: Sequence[Batch]) -> float:
     """SQLAlchemy Core insert() with executemany, one transaction per interval."""
     as_dicts = [
-        ([dict(zip(TRANSFER_COLUMNS, r, strict=True)) for r in t], [dict(zip(CHAIN_COLUMNS, r, strict=True)) for r in c])
+        (
+            [dict(zip(TRANSFER_COLUMNS, r, strict=True)) for r in t],
+            [dict(zip(CHAIN_COLUMNS, r, strict=True)) for r in c],
+        )
         for t, c in batches
     ]
     start = time.perf_counter()
@@ -148,13 +151,19 @@ def _driver_insert(engine: Engine, batches: Sequence[Batch]) -> float:
                     transfer_rows,
                 )
                 cursor.executemany(
-                    f"INSERT INTO chain ({chain_cols}) VALUES ({','.join('?' * len(CHAIN_COLUMNS))})", chain_rows
+                    f"INSERT INTO chain ({chain_cols}) VALUES ({','.join('?' * len(CHAIN_COLUMNS))})",
+                    chain_rows,
                 )
     return time.perf_counter() - start
 
 
 def _timed_baseline(
-    database: str, postgres_url: str, workdir: Path, name: str, batches: Sequence[Batch], insert: Callable[..., float]
+    database: str,
+    postgres_url: str,
+    workdir: Path,
+    name: str,
+    batches: Sequence[Batch],
+    insert: Callable[..., float],
 ) -> float:
     with _fresh_engine(database, postgres_url, workdir, name) as engine:
         migrate_ledger(engine)
@@ -216,7 +225,9 @@ def bench_database(
 
 def run(args: argparse.Namespace) -> int:
     databases = ["sqlite", "postgresql"] if args.database == "both" else [args.database]
-    postgres_url = args.postgres_url or os.environ.get("P2PGRID_BENCH_POSTGRES_URL", DEFAULT_BENCH_POSTGRES_URL)
+    postgres_url = args.postgres_url or os.environ.get(
+        "P2PGRID_BENCH_POSTGRES_URL", DEFAULT_BENCH_POSTGRES_URL
+    )
 
     def progress(message: str) -> None:
         print(message, file=sys.stderr, flush=True)

@@ -27,7 +27,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     verify.add_argument(
         "--database-url",
         default=None,
-        help="the ledger database (default: env P2PGRID_LEDGER_DATABASE_URL, else " + DEFAULT_DATABASE_URL + ")",
+        help="the ledger database (default: env P2PGRID_LEDGER_DATABASE_URL, else "
+        + DEFAULT_DATABASE_URL
+        + ")",
     )
     verify.add_argument(
         "--key",
@@ -47,7 +49,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         description="Check a receipt's inclusion proof and checkpoint signature. Exits 1 naming the first failure.",
     )
     receipt_verify.add_argument("receipt", metavar="RECEIPT.json")
-    receipt_verify.add_argument("--key", required=True, metavar="LEDGER_PUBLIC_KEY", help="hex, base64 or a file")
+    receipt_verify.add_argument(
+        "--key", required=True, metavar="LEDGER_PUBLIC_KEY", help="hex, base64 or a file"
+    )
     receipt_verify.set_defaults(func=_verify_receipt)
 
 
@@ -57,7 +61,9 @@ def register_bench(bench_subparsers: argparse._SubParsersAction[argparse.Argumen
         help="settlement write speed against a bulk insert of the same rows, and verify speed",
     )
     bench.add_argument("--database", choices=["sqlite", "postgresql", "both"], default="both")
-    bench.add_argument("--intervals", type=int, default=24, help="intervals of the synthetic day (default 24)")
+    bench.add_argument(
+        "--intervals", type=int, default=24, help="intervals of the synthetic day (default 24)"
+    )
     bench.add_argument("--participants", type=int, default=1000)
     bench.add_argument("--rounds", type=int, default=2, help="best of this many runs (default 2)")
     bench.add_argument(

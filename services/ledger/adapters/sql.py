@@ -219,7 +219,9 @@ class _Backend:
     def lock(self, conn: Connection) -> None:
         """Serialise writers; on SQLite the transaction's BEGIN IMMEDIATE already did."""
 
-    def insert_rows(self, cursor: Any, table: str, columns: Sequence[str], rows: Sequence[tuple[Any, ...]]) -> None:
+    def insert_rows(
+        self, cursor: Any, table: str, columns: Sequence[str], rows: Sequence[tuple[Any, ...]]
+    ) -> None:
         raise NotImplementedError
 
     def upsert_accounts(self, cursor: Any, rows: Sequence[tuple[str, str, int, int]]) -> None:
@@ -249,7 +251,9 @@ class _SqliteBackend(_Backend):
             sql = self._sql[key] = self.values_sql(table, columns, count, suffix)
         return sql
 
-    def insert_rows(self, cursor: Any, table: str, columns: Sequence[str], rows: Sequence[tuple[Any, ...]]) -> None:
+    def insert_rows(
+        self, cursor: Any, table: str, columns: Sequence[str], rows: Sequence[tuple[Any, ...]]
+    ) -> None:
         step = max(1, min(self.rows_per_statement, 30_000 // len(columns)))
         flatten = itertools.chain.from_iterable
         for i in range(0, len(rows), step):
@@ -275,7 +279,9 @@ class _PostgresBackend(_Backend):
         # One writer at a time per ledger (schema); readers are not blocked.
         conn.exec_driver_sql("LOCK TABLE chain IN SHARE ROW EXCLUSIVE MODE")
 
-    def insert_rows(self, cursor: Any, table: str, columns: Sequence[str], rows: Sequence[tuple[Any, ...]]) -> None:
+    def insert_rows(
+        self, cursor: Any, table: str, columns: Sequence[str], rows: Sequence[tuple[Any, ...]]
+    ) -> None:
         with cursor.copy(f"COPY {table} ({','.join(columns)}) FROM STDIN") as copy:
             write = copy.write_row
             for row in rows:
@@ -337,7 +343,9 @@ class LedgerStore:
         self.signing_key = signing_key
         self.origin = origin
         self.clock: Clock = clock or RealClock()
-        self._backend: _Backend = _PostgresBackend() if engine.dialect.name == "postgresql" else _SqliteBackend()
+        self._backend: _Backend = (
+            _PostgresBackend() if engine.dialect.name == "postgresql" else _SqliteBackend()
+        )
         dbapi = engine.dialect.loaded_dbapi
         self._integrity_errors: tuple[type[BaseException], ...] = (exc.IntegrityError, dbapi.IntegrityError)
         self._state: _State | None = None
@@ -410,7 +418,9 @@ class LedgerStore:
                     f"checkpoint of size {checkpoint.tree_size}: stored frontier does not give the signed root"
                 )
             if checkpoint.tree_size > seq:
-                raise LedgerCorruptError(f"checkpoint of size {checkpoint.tree_size} is beyond the chain ({seq})")
+                raise LedgerCorruptError(
+                    f"checkpoint of size {checkpoint.tree_size} is beyond the chain ({seq})"
+                )
             if checkpoint.tree_size == seq and checkpoint.chain_head != head:
                 raise LedgerCorruptError(f"checkpoint of size {seq}: chain head differs from the chain")
         if frontier.size < seq:
@@ -425,7 +435,9 @@ class LedgerStore:
         totals = {
             str(r[0]): AccountTotals(int(r[1]), int(r[2]))
             for r in conn.execute(
-                select(accounts_table.c.account_id, accounts_table.c.debits_nano, accounts_table.c.credits_nano)
+                select(
+                    accounts_table.c.account_id, accounts_table.c.debits_nano, accounts_table.c.credits_nano
+                )
             )
         }
         return _State(seq=seq, head=head, frontier=frontier, totals=totals, checkpoint=checkpoint)
@@ -452,9 +464,7 @@ class LedgerStore:
         unique = list(dict.fromkeys(ids))
         t = transfers_table.c
         for i in range(0, len(unique), 500):
-            rows = conn.execute(
-                select(transfers_table).where(t.transfer_id.in_(unique[i : i + 500]))
-            ).all()
+            rows = conn.execute(select(transfers_table).where(t.transfer_id.in_(unique[i : i + 500]))).all()
             for r in rows:
                 found[r.transfer_id] = (int(r.seq), _transfer_from_row(r))
         return found
@@ -480,7 +490,9 @@ class LedgerStore:
         checkpoint = self._write(conn, state, plan.appended, plan.totals)
         return BatchOutcome(plan.results, tuple(seqs), len(plan.appended), checkpoint)
 
-    def _append_new_group(self, conn: Connection, transfers: Sequence[Transfer]) -> tuple[int, Checkpoint | None]:
+    def _append_new_group(
+        self, conn: Connection, transfers: Sequence[Transfer]
+    ) -> tuple[int, Checkpoint | None]:
         """The settlement's path for one linked group of new transfers; falls back to the careful path."""
         if not transfers:
             return 0, None
@@ -520,7 +532,9 @@ class LedgerStore:
         backend.insert_rows(cursor, "transfers", TRANSFER_COLUMNS, hashed.transfer_rows)
         backend.insert_rows(cursor, "chain", CHAIN_COLUMNS, hashed.chain_rows)
         if hashed.completed_nodes:
-            backend.insert_rows(cursor, "merkle_nodes", ("level", "node_index", "hash"), hashed.completed_nodes)
+            backend.insert_rows(
+                cursor, "merkle_nodes", ("level", "node_index", "hash"), hashed.completed_nodes
+            )
         backend.upsert_accounts(
             cursor, [(a, a.split(":", 1)[0], t.debits_nano, t.credits_nano) for a, t in touched.items()]
         )
@@ -621,7 +635,9 @@ class LedgerStore:
                         first_seq=0,
                         tree_size=int(latest.tree_size),
                         estimated_participants=tuple(
-                            sorted(p for p, v in meter_state_from_json(latest.meter_json).items() if v[2] != 2)
+                            sorted(
+                                p for p, v in meter_state_from_json(latest.meter_json).items() if v[2] != 2
+                            )
                         ),
                         checkpoint=None,
                     )
@@ -788,9 +804,7 @@ class LedgerStore:
             else:
                 first = index << level
                 rows = conn.execute(
-                    select(c.entry_hash)
-                    .where(c.seq > first, c.seq <= first + (1 << level))
-                    .order_by(c.seq)
+                    select(c.entry_hash).where(c.seq > first, c.seq <= first + (1 << level)).order_by(c.seq)
                 ).all()
                 if len(rows) != 1 << level:
                     raise ProofError(f"leaves {first}..{first + (1 << level)} are not all stored")
@@ -812,9 +826,13 @@ class LedgerStore:
                 ).first()
                 checkpoint = _checkpoint_from_row(row) if row is not None else None
             if checkpoint is None or checkpoint.tree_size < stored.seq:
-                raise LookupError(f"transfer {transfer_id!r} (seq {stored.seq}) is not covered by that checkpoint")
+                raise LookupError(
+                    f"transfer {transfer_id!r} (seq {stored.seq}) is not covered by that checkpoint"
+                )
             proof = inclusion_proof(stored.seq - 1, checkpoint.tree_size, self._perfect(conn))
-        return Receipt(seq=stored.seq, transfer=stored.transfer, inclusion_proof=tuple(proof), checkpoint=checkpoint)
+        return Receipt(
+            seq=stored.seq, transfer=stored.transfer, inclusion_proof=tuple(proof), checkpoint=checkpoint
+        )
 
     def consistency_proof(self, old_size: int, new_size: int) -> list[bytes]:
         """RFC 9162 proof that the tree of `old_size` is a prefix of the tree of `new_size`."""
@@ -841,11 +859,15 @@ class LedgerStore:
         changes included).
         """
         if connection is not None:
-            return _audit(_raw_cursor(connection), self._backend.placeholder, trusted_public_key, progress, chunk)
+            return _audit(
+                _raw_cursor(connection), self._backend.placeholder, trusted_public_key, progress, chunk
+            )
         if self.engine.dialect.name == "postgresql":
-            with self.engine.connect().execution_options(isolation_level="REPEATABLE READ") as conn:
-                with conn.begin():
-                    return _audit(_raw_cursor(conn), "%s", trusted_public_key, progress, chunk)
+            with (
+                self.engine.connect().execution_options(isolation_level="REPEATABLE READ") as conn,
+                conn.begin(),
+            ):
+                return _audit(_raw_cursor(conn), "%s", trusted_public_key, progress, chunk)
         with self.engine.connect() as conn:
             dbapi = conn.connection.dbapi_connection
             assert dbapi is not None

@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
+
+from services.ledger.domain.merkle import ProofError, verify_consistency
 
 CHECKPOINT_FORMAT = "p2pgrid-ledger-checkpoint-v1"
 ORIGIN_PATTERN = r"[A-Za-z0-9._:/\-]{1,100}"
@@ -171,3 +173,23 @@ def verify_checkpoint(checkpoint: Checkpoint, trusted_public_key: bytes | None =
         ) from exc
     except (ValueError, TypeError) as exc:
         raise CheckpointError(f"checkpoint of size {checkpoint.tree_size}: {exc}") from exc
+
+
+def verify_checkpoint_consistency(
+    old: Checkpoint, new: Checkpoint, proof: Sequence[bytes], trusted_public_key: bytes
+) -> None:
+    """Raise CheckpointError unless both checkpoints are the trusted ledger's and `new` extends `old`.
+
+    This is what a participant holding an older checkpoint runs on a newer one:
+    a ledger that rewrote or forked its history cannot produce a proof that passes.
+    """
+    verify_checkpoint(old, trusted_public_key)
+    verify_checkpoint(new, trusted_public_key)
+    if old.origin != new.origin:
+        raise CheckpointError(f"checkpoints of different ledgers: {old.origin!r} and {new.origin!r}")
+    try:
+        verify_consistency(old.tree_size, new.tree_size, old.root_hash, new.root_hash, proof)
+    except ProofError as exc:
+        raise CheckpointError(
+            f"checkpoint of size {new.tree_size} does not extend the checkpoint of size {old.tree_size}: {exc}"
+        ) from exc

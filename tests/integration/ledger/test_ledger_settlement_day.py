@@ -73,7 +73,11 @@ class Expected:
             for participant in day.participants:
                 _p, import_wh, export_wh, _q = measured[participant]
                 deviation_wh = import_wh - export_wh - contracted[participant]
-                tariff = rules["retail_tariff_micro_per_kwh"] if deviation_wh > 0 else rules["feed_in_tariff_micro_per_kwh"]
+                tariff = (
+                    rules["retail_tariff_micro_per_kwh"]
+                    if deviation_wh > 0
+                    else rules["feed_in_tariff_micro_per_kwh"]
+                )
                 owed = deviation_wh * tariff
                 self.deviation[(start, participant)] = owed
                 self.balance[account(participant)] -= owed
@@ -87,7 +91,10 @@ def settle_day(store: LedgerStore, day: SyntheticDay) -> None:
         assert outcome.status is SettlementStatus.SETTLED
     # Redelivered first data changes nothing.
     for recorded in day.recorded[:5]:
-        assert store.settle_interval(SettlementInputs.from_json(recorded), rules).status is SettlementStatus.UNCHANGED
+        assert (
+            store.settle_interval(SettlementInputs.from_json(recorded), rules).status
+            is SettlementStatus.UNCHANGED
+        )
     for recorded in day.late:
         outcome = store.settle_interval(SettlementInputs.from_json(recorded), rules)
         assert outcome.status is SettlementStatus.CORRECTED
@@ -99,15 +106,21 @@ def check_day(store: LedgerStore, day: SyntheticDay) -> None:
     transfers = [s.transfer for r in day.recorded for s in store.transfers_of_interval(r["interval_start_s"])]
 
     # Every trade paid once: one purchase and one sale per trade, at the node prices.
-    purchases = Counter((t.interval_start_s, t.debit_account, t.amount_nano) for t in transfers if t.code == "trade.purchase")
-    sales = Counter((t.interval_start_s, t.credit_account, t.amount_nano) for t in transfers if t.code == "trade.sale")
+    purchases = Counter(
+        (t.interval_start_s, t.debit_account, t.amount_nano) for t in transfers if t.code == "trade.purchase"
+    )
+    sales = Counter(
+        (t.interval_start_s, t.credit_account, t.amount_nano) for t in transfers if t.code == "trade.sale"
+    )
     assert sum(purchases.values()) == sum(sales.values()) == expected.trade_count
     assert purchases == expected.purchases
     assert sales == expected.sales
     assert not any(t.flags for t in transfers if t.code.startswith("trade."))
 
     # Grid fees as configured (same node, same feeder, otherwise).
-    fees = Counter((t.interval_start_s, t.debit_account, t.amount_nano) for t in transfers if t.code == "grid_fee")
+    fees = Counter(
+        (t.interval_start_s, t.debit_account, t.amount_nano) for t in transfers if t.code == "grid_fee"
+    )
     assert fees == expected.fees
 
     # Deviations: first booked on estimates (flagged), then corrected to the measured amounts.

@@ -63,7 +63,10 @@ class Model:
         bad = (
             (group and (group in closed or ids[0] != group))
             or len(set(ids)) != n
-            or any(not 1 <= m.amount_nano <= MAX_AMOUNT_NANO or m.debit_account == m.credit_account for m in members)
+            or any(
+                not 1 <= m.amount_nano <= MAX_AMOUNT_NANO or m.debit_account == m.credit_account
+                for m in members
+            )
             or any(m.transfer_id in self.stored and self.stored[m.transfer_id] != m for m in members)
         )
         if bad:
@@ -112,7 +115,9 @@ class LedgerMachine(RuleBasedStateMachine):
         else:
             debit, credit = rng.sample(ACCOUNTS, 2)
             amount = rng.choice([1, 2, rng.randrange(1, 10**6), rng.randrange(1, 10**15)])
-        return Transfer(tid, debit, credit, amount, "test", rng.randrange(0, 4) * 900, group, rng.choice([0, 0, 1, 2]))
+        return Transfer(
+            tid, debit, credit, amount, "test", rng.randrange(0, 4) * 900, group, rng.choice([0, 0, 1, 2])
+        )
 
     def group(self, rng: random.Random, size: int) -> list[Transfer]:
         first = self.new_id()
@@ -149,7 +154,11 @@ class LedgerMachine(RuleBasedStateMachine):
             elif kind < 0.95 and batch:  # a repeat inside the batch
                 batch.append(rng.choice(batch))
             else:  # debit and credit the same account
-                batch.append(self.transfer(rng)._replace(debit_account="participant:p1", credit_account="participant:p1"))
+                batch.append(
+                    self.transfer(rng)._replace(
+                        debit_account="participant:p1", credit_account="participant:p1"
+                    )
+                )
         return batch
 
     @rule(seed=st.integers(0, 2**32 - 1), size=st.integers(8_000, 14_000))
@@ -160,7 +169,9 @@ class LedgerMachine(RuleBasedStateMachine):
         expected = self.model.apply(batch)
         got = [r.status.value for r in outcome.results]
         assert got == expected, next(
-            (i, batch[i], got[i], expected[i], outcome.results[i].reason) for i in range(len(batch)) if got[i] != expected[i]
+            (i, batch[i], got[i], expected[i], outcome.results[i].reason)
+            for i in range(len(batch))
+            if got[i] != expected[i]
         )
         TOTAL_SUBMITTED["transfers"] += len(batch)
         TOTAL_SUBMITTED["created"] += expected.count("created")
@@ -171,10 +182,14 @@ class LedgerMachine(RuleBasedStateMachine):
     def the_database_agrees_with_the_model(self) -> None:
         with self.engine.connect() as conn:
             accounts = conn.execute(text("SELECT account_id, debits_nano, credits_nano FROM accounts")).all()
-            rows, distinct = conn.execute(text("SELECT COUNT(*), COUNT(DISTINCT transfer_id) FROM transfers")).one()
+            rows, distinct = conn.execute(
+                text("SELECT COUNT(*), COUNT(DISTINCT transfer_id) FROM transfers")
+            ).one()
             group_counts = dict(
                 conn.execute(
-                    text("SELECT linked_group, COUNT(*) FROM transfers WHERE linked_group != '' GROUP BY linked_group")
+                    text(
+                        "SELECT linked_group, COUNT(*) FROM transfers WHERE linked_group != '' GROUP BY linked_group"
+                    )
                 ).all()
             )
         assert sum(c for _a, _d, c in accounts) - sum(d for _a, d, _c in accounts) == 0

@@ -82,12 +82,17 @@ def test_a_repeated_transfer_returns_the_first_and_a_different_body_is_refused(s
     assert store.balance("market:m").balance_nano == 11
 
 
-def test_the_database_refuses_updates_and_deletes_of_appended_rows(store: LedgerStore, day: SyntheticDay) -> None:
+def test_the_database_refuses_updates_and_deletes_of_appended_rows(
+    store: LedgerStore, day: SyntheticDay
+) -> None:
     for k in range(3):  # enough transfers for a stored Merkle node (256 leaves)
         store.settle_interval(inputs(day, k), rules(day))
     for table in APPEND_ONLY:
         assert count(store, table) > 0
-        for statement in (f"UPDATE {table} SET {_some_column(table)} = {_some_column(table)}", f"DELETE FROM {table}"):
+        for statement in (
+            f"UPDATE {table} SET {_some_column(table)} = {_some_column(table)}",
+            f"DELETE FROM {table}",
+        ):
             with pytest.raises(Exception, match="append-only"), store.engine.begin() as conn:
                 conn.execute(text(statement))
         assert count(store, table) > 0
@@ -95,10 +100,14 @@ def test_the_database_refuses_updates_and_deletes_of_appended_rows(store: Ledger
 
 
 def _some_column(table: str) -> str:
-    return {"merkle_nodes": "level", "checkpoints": "time_ms", "settled_intervals": "revision"}.get(table, "seq")
+    return {"merkle_nodes": "level", "checkpoints": "time_ms", "settled_intervals": "revision"}.get(
+        table, "seq"
+    )
 
 
-def test_settlement_runs_in_the_callers_transaction_with_the_inbox_row(store: LedgerStore, day: SyntheticDay) -> None:
+def test_settlement_runs_in_the_callers_transaction_with_the_inbox_row(
+    store: LedgerStore, day: SyntheticDay
+) -> None:
     migrate_platform_tables(store.engine)
     with store.transaction() as conn:
         assert record_in_inbox(conn, "ledger-settlement", "event-1")
@@ -117,7 +126,10 @@ def test_settlement_runs_in_the_callers_transaction_with_the_inbox_row(store: Le
     # The redelivery applies it once, and the store's memory of the chain followed the rollback.
     with store.transaction() as conn:
         assert record_in_inbox(conn, "ledger-settlement", "event-2")
-        assert store.settle_interval(inputs(day, 1), rules(day), connection=conn).status is SettlementStatus.SETTLED
+        assert (
+            store.settle_interval(inputs(day, 1), rules(day), connection=conn).status
+            is SettlementStatus.SETTLED
+        )
     with store.transaction() as conn:
         assert not record_in_inbox(conn, "ledger-settlement", "event-2")
     store.verify(trusted_public_key=store.public_key)
@@ -126,13 +138,17 @@ def test_settlement_runs_in_the_callers_transaction_with_the_inbox_row(store: Le
 def test_late_measured_data_is_booked_as_flagged_corrections(store: LedgerStore, day: SyntheticDay) -> None:
     first = store.settle_interval(inputs(day, 2), rules(day))
     assert len(first.estimated_participants) == 3
-    estimated = [s for s in store.transfers_of_interval(first.interval_start_s) if s.transfer.flags & FLAG_ESTIMATED]
+    estimated = [
+        s for s in store.transfers_of_interval(first.interval_start_s) if s.transfer.flags & FLAG_ESTIMATED
+    ]
     assert estimated, "deviations on estimated meter data are flagged"
     late = SettlementInputs.from_json(day.late[2])
     second = store.settle_interval(late, rules(day))
     assert second.status is SettlementStatus.CORRECTED
     assert second.revision == 1 and second.estimated_participants == ()
-    corrections = [s.transfer for s in store.transfers_of_interval(first.interval_start_s) if s.seq >= second.first_seq]
+    corrections = [
+        s.transfer for s in store.transfers_of_interval(first.interval_start_s) if s.seq >= second.first_seq
+    ]
     assert len(corrections) == second.transfer_count > 0
     assert all(t.flags & FLAG_CORRECTION and not t.flags & FLAG_ESTIMATED for t in corrections)
     assert {t.code for t in corrections} == {"deviation"}
@@ -143,16 +159,26 @@ def test_late_measured_data_is_booked_as_flagged_corrections(store: LedgerStore,
     store.verify()
 
 
-def test_a_different_clearing_result_for_a_settled_interval_is_refused(store: LedgerStore, day: SyntheticDay) -> None:
+def test_a_different_clearing_result_for_a_settled_interval_is_refused(
+    store: LedgerStore, day: SyntheticDay
+) -> None:
     store.settle_interval(inputs(day, 0), rules(day))
     original = inputs(day, 0)
     t0 = original.clearing.trades[0]
-    changed_trades = (Trade(t0.buyer_id, t0.buyer_node, t0.seller_id, t0.seller_node, t0.energy_wh), *original.clearing.trades)
+    changed_trades = (
+        Trade(t0.buyer_id, t0.buyer_node, t0.seller_id, t0.seller_node, t0.energy_wh),
+        *original.clearing.trades,
+    )
     data = original.to_json()
-    data["trades"] = [[t.buyer_id, t.buyer_node, t.seller_id, t.seller_node, t.energy_wh] for t in changed_trades]
+    data["trades"] = [
+        [t.buyer_id, t.buyer_node, t.seller_id, t.seller_node, t.energy_wh] for t in changed_trades
+    ]
     data["accepted"] = [
-        [a.participant_id, a.bought_wh + (t0.energy_wh if a.participant_id == t0.buyer_id else 0),
-         a.sold_wh + (t0.energy_wh if a.participant_id == t0.seller_id else 0)]
+        [
+            a.participant_id,
+            a.bought_wh + (t0.energy_wh if a.participant_id == t0.buyer_id else 0),
+            a.sold_wh + (t0.energy_wh if a.participant_id == t0.seller_id else 0),
+        ]
         for a in original.clearing.accepted
     ]
     with pytest.raises(SettlementConflictError, match="another clearing result"):
@@ -171,7 +197,9 @@ def test_an_interval_is_not_settled_before_its_metering_deadline(
     assert store.settle_interval(first, rules(day)).status is SettlementStatus.SETTLED
 
 
-def test_receipts_verify_offline_and_with_the_cli(store: LedgerStore, day: SyntheticDay, tmp_path: Path) -> None:
+def test_receipts_verify_offline_and_with_the_cli(
+    store: LedgerStore, day: SyntheticDay, tmp_path: Path
+) -> None:
     for k in range(3):
         store.settle_interval(inputs(day, k), rules(day))
     transfers = store.transfers_of_interval(inputs(day, 1).interval_start_s)
@@ -198,7 +226,9 @@ def test_receipts_verify_offline_and_with_the_cli(store: LedgerStore, day: Synth
     assert picked[1].transfer.transfer_id in ok.stdout
     data = json.loads(path.read_text())
     data["transfer"]["amount_nano"] = str(int(data["transfer"]["amount_nano"]) + 1)
-    data["entry"] = data["entry"].replace(f"|{int(data['transfer']['amount_nano']) - 1}|", f"|{data['transfer']['amount_nano']}|")
+    data["entry"] = data["entry"].replace(
+        f"|{int(data['transfer']['amount_nano']) - 1}|", f"|{data['transfer']['amount_nano']}|"
+    )
     path.write_text(json.dumps(data))
     bad = subprocess.run(
         [sys.executable, "-m", "services.cli", "ledger", "receipt", "verify", str(path), "--key", key],
@@ -231,7 +261,9 @@ def test_balance_and_statement_show_the_accounts_own_transfers(store: LedgerStor
     lines = store.statement(account, from_interval_start_s=start, to_interval_start_s=start + 3 * 900)
     assert lines and all(account in (ln.transfer.debit_account, ln.transfer.credit_account) for ln in lines)
     assert sum(ln.amount_nano for ln in lines) == store.balance(account).balance_nano
-    paged = store.statement(account, from_interval_start_s=start, to_interval_start_s=start + 3 * 900, limit=2)
+    paged = store.statement(
+        account, from_interval_start_s=start, to_interval_start_s=start + 3 * 900, limit=2
+    )
     rest = store.statement(
         account, from_interval_start_s=start, to_interval_start_s=start + 3 * 900, after_seq=paged[-1].seq
     )
@@ -253,5 +285,7 @@ def test_two_stores_writing_in_turn_keep_one_chain(
     second.apply_transfers([Transfer("manual-2", "market:demo", "utility:default", 9, "manual")])
     report = first.verify(trusted_public_key=first.public_key)
     with first.engine.connect() as conn:
-        assert report.transfers == conn.execute(select(func.count()).select_from(transfers_table)).scalar_one()
+        assert (
+            report.transfers == conn.execute(select(func.count()).select_from(transfers_table)).scalar_one()
+        )
     assert report.checkpoints == 6

@@ -43,7 +43,9 @@ def test_a_batch_of_new_transfers_is_appended_and_moves_the_totals() -> None:
 
 
 def test_a_repeated_id_with_the_same_body_changes_nothing_and_answers_exists() -> None:
-    plan = plan_batch([t("a", 5), t("a", 5)], {"a": t("a", 5)}, {A: AccountTotals(5, 0), B: AccountTotals(0, 5)})
+    plan = plan_batch(
+        [t("a", 5), t("a", 5)], {"a": t("a", 5)}, {A: AccountTotals(5, 0), B: AccountTotals(0, 5)}
+    )
     assert statuses(plan) == ["exists", "exists"]
     assert plan.appended == ()
     assert plan.totals == {}
@@ -147,7 +149,9 @@ def test_account_ids_carry_their_kind() -> None:
 
 
 def test_the_entry_encoding_is_canonical_and_parses_back() -> None:
-    transfer = Transfer("1748736000.abc.tp", A, M, 123, "trade.purchase", 1_748_736_000, "1748736000.abc.tp", 3)
+    transfer = Transfer(
+        "1748736000.abc.tp", A, M, 123, "trade.purchase", 1_748_736_000, "1748736000.abc.tp", 3
+    )
     assert entry_text(transfer) == (
         "p2pgrid-transfer-v1|1748736000.abc.tp|participant:alice|market:demo|123|trade.purchase|"
         "1748736000|1748736000.abc.tp|3"

@@ -122,11 +122,7 @@ def test_extend_reports_exactly_the_completed_perfect_subtrees_at_the_stored_lev
     completed: list[tuple[int, int, bytes]] = []
     frontier.extend([leaf_hash(e) for e in leaves[:333]], 3, completed)
     frontier.extend([leaf_hash(e) for e in leaves[333:]], 3, completed)
-    expected = {
-        (level, index)
-        for level in range(3, 10)
-        for index in range(1000 >> level)
-    }
+    expected = {(level, index) for level in range(3, 10) for index in range(1000 >> level)}
     assert {(level, index) for level, index, _h in completed} == expected
     for level, index, h in completed:
         assert h == ref_mth(leaves[index << level : (index + 1) << level])

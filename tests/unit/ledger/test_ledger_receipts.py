@@ -10,7 +10,13 @@ import pytest
 from nacl.signing import SigningKey
 
 from services.ledger.domain.chain import entry_bytes
-from services.ledger.domain.checkpoint import NO_PREVIOUS, Checkpoint, CheckpointError, sign_checkpoint, verify_checkpoint
+from services.ledger.domain.checkpoint import (
+    NO_PREVIOUS,
+    Checkpoint,
+    CheckpointError,
+    sign_checkpoint,
+    verify_checkpoint,
+)
 from services.ledger.domain.ledger import Transfer
 from services.ledger.domain.merkle import MerkleFrontier, inclusion_proof, leaf_hash, root_of
 from services.ledger.domain.receipt import Receipt, ReceiptError, verify_receipt
@@ -21,7 +27,9 @@ OTHER_KEY = SigningKey(bytes(range(1, 33)))
 
 def ledger(n: int) -> tuple[list[Transfer], list[bytes], Checkpoint]:
     transfers = [
-        Transfer(f"t{i}", "participant:alice", "market:demo", 1000 + i, "trade.purchase", 1_748_736_000, "", 0)
+        Transfer(
+            f"t{i}", "participant:alice", "market:demo", 1000 + i, "trade.purchase", 1_748_736_000, "", 0
+        )
         for i in range(n)
     ]
     leaves = [leaf_hash(entry_bytes(t)) for t in transfers]
@@ -46,7 +54,9 @@ def receipt_json(index: int, n: int = 37) -> dict[str, Any]:
         return root_of(leaves[i << level : (i + 1) << level])
 
     proof = inclusion_proof(index, n, perfect)
-    return Receipt(seq=index + 1, transfer=transfers[index], inclusion_proof=tuple(proof), checkpoint=checkpoint).to_json()
+    return Receipt(
+        seq=index + 1, transfer=transfers[index], inclusion_proof=tuple(proof), checkpoint=checkpoint
+    ).to_json()
 
 
 def test_a_receipt_survives_json_and_verifies_offline() -> None:
@@ -66,7 +76,10 @@ def test_a_receipt_does_not_verify_with_another_key() -> None:
 @pytest.mark.parametrize(
     ("path", "value"),
     [
-        (("entry",), "p2pgrid-transfer-v1|t3|participant:alice|market:demo|1004|trade.purchase|1748736000||0"),
+        (
+            ("entry",),
+            "p2pgrid-transfer-v1|t3|participant:alice|market:demo|1004|trade.purchase|1748736000||0",
+        ),
         (("transfer", "amount_nano"), "1004"),
         (("transfer", "credit_account"), "market:other"),
         (("seq",), 5),

@@ -48,7 +48,9 @@ def clearing(trades: list[Trade] | None = None) -> ClearingResult:
     for t in trades:
         bought[t.buyer_id] = bought.get(t.buyer_id, 0) + t.energy_wh
         sold[t.seller_id] = sold.get(t.seller_id, 0) + t.energy_wh
-    accepted = tuple(AcceptedEnergy(p, bought.get(p, 0), sold.get(p, 0)) for p in sorted(bought.keys() | sold.keys()))
+    accepted = tuple(
+        AcceptedEnergy(p, bought.get(p, 0), sold.get(p, 0)) for p in sorted(bought.keys() | sold.keys())
+    )
     return ClearingResult("demo", START_S, PRICES, tuple(trades), accepted)
 
 
@@ -121,9 +123,9 @@ def test_measured_data_for_a_missing_meter_books_only_the_difference_as_a_correc
     assert second.revision == 1
     assert second.estimated_participants == ()
     # carol used 50 Wh less than she bought: the utility pays her feed-in for 50 Wh.
-    assert [(t.code, t.debit_account, t.credit_account, t.amount_nano, t.flags) for t in second.transfers] == [
-        ("deviation", "utility:ewz", "participant:carol", 50 * 80_000, FLAG_CORRECTION)
-    ]
+    assert [
+        (t.code, t.debit_account, t.credit_account, t.amount_nano, t.flags) for t in second.transfers
+    ] == [("deviation", "utility:ewz", "participant:carol", 50 * 80_000, FLAG_CORRECTION)]
     assert not set(t.transfer_id for t in second.transfers) & set(t.transfer_id for t in first.transfers)
     # The same delivery again changes nothing.
     assert plan_resettlement(late, RULES, second.meter_state, 1) is None
@@ -134,7 +136,9 @@ def test_estimated_data_is_flagged_and_corrected_by_measured_data_in_either_dire
     first = plan_first_settlement(SettlementInputs(clearing(), meter), RULES)
     estimated = [t for t in first.transfers if t.flags & FLAG_ESTIMATED]
     assert [(t.debit_account, t.amount_nano) for t in estimated] == [("participant:carol", 200 * 300_000)]
-    second = plan_resettlement(SettlementInputs(clearing(), (MeterEnergy("carol", 400, 0),)), RULES, first.meter_state, 0)
+    second = plan_resettlement(
+        SettlementInputs(clearing(), (MeterEnergy("carol", 400, 0),)), RULES, first.meter_state, 0
+    )
     assert second is not None
     # From paying 200 Wh at retail to being paid 100 Wh at feed-in: the utility pays back both.
     (correction,) = second.transfers
@@ -195,11 +199,23 @@ def test_rules_have_defaults_and_refuse_unknown_or_bad_fields() -> None:
     ("change", "message"),
     [
         (lambda c: {"trades": (Trade("alice", "n9", "bob", "n1", 10),)}, r"clearing.trades\[0\]: node 'n9'"),
-        (lambda c: {"trades": (Trade("alice", "n2", "alice", "n1", 10),)}, r"clearing.trades\[0\]: buyer and seller"),
-        (lambda c: {"trades": (Trade("al|ce", "n2", "bob", "n1", 10),)}, r"clearing.trades\[0\]: participant id"),
-        (lambda c: {"trades": (*c.trades[:1], Trade("alice", "n2", "bob", "n1", 0))}, r"clearing.trades\[1\].energy_wh"),
+        (
+            lambda c: {"trades": (Trade("alice", "n2", "alice", "n1", 10),)},
+            r"clearing.trades\[0\]: buyer and seller",
+        ),
+        (
+            lambda c: {"trades": (Trade("al|ce", "n2", "bob", "n1", 10),)},
+            r"clearing.trades\[0\]: participant id",
+        ),
+        (
+            lambda c: {"trades": (*c.trades[:1], Trade("alice", "n2", "bob", "n1", 0))},
+            r"clearing.trades\[1\].energy_wh",
+        ),
         (lambda c: {"accepted": c.accepted[1:]}, r"has trades but no accepted row"),
-        (lambda c: {"accepted": (AcceptedEnergy("alice", 999, 0), *c.accepted[1:])}, r"clearing.accepted\[0\]"),
+        (
+            lambda c: {"accepted": (AcceptedEnergy("alice", 999, 0), *c.accepted[1:])},
+            r"clearing.accepted\[0\]",
+        ),
         (lambda c: {"interval_start_s": START_S + 1}, r"interval_start_s"),
         (lambda c: {"node_prices_micro_per_kwh": {**PRICES, "n1": 10**10}}, r"node_prices\[n1\]"),
     ],
