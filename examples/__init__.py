@@ -1,0 +1,1 @@
+"""Examples that use p2pgrid's public APIs."""

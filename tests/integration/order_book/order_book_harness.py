@@ -302,3 +302,32 @@ def read_stream(call: Iterator[object], count: int, timeout_s: float) -> list[ob
     finally:
         call.cancel()  # type: ignore[attr-defined]
     return items
+
+
+async def toy_clearing_loop(nats_url: str, stop: asyncio.Event) -> int:
+    """Answer every clearing request with a toy clearing result until `stop`; returns how many it cleared."""
+    client = await nats.connect(nats_url)
+    cleared = 0
+    try:
+        js = client.jetstream()
+        subscription = await js.pull_subscribe(
+            f"{CLEARING_REQUEST}.>",
+            stream="CLEARING",
+            config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.NONE),
+        )
+        while not stop.is_set():
+            try:
+                msgs = await subscription.fetch(50, timeout=0.2)
+            except (nats.errors.TimeoutError, TimeoutError):
+                continue
+            for msg in msgs:
+                result = toy_clear(events_pb2.ClearingRequest.FromString(msg.data))
+                await js.publish(
+                    keyed(CLEARING_RESULT, result.result.interval.start_s),
+                    result.SerializeToString(),
+                    headers={"Nats-Msg-Id": result.header.event_id},
+                )
+                cleared += 1
+    finally:
+        await client.close()
+    return cleared
