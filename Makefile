@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test lint typecheck proto bench clean
+.PHONY: setup test-tools run test lint typecheck proto bench clean
 
 setup: $(STAMP)
 
@@ -17,7 +17,11 @@ $(STAMP): pyproject.toml
 run: setup
 	$(BIN)/p2pgrid up
 
-test: setup lint typecheck
+# Debian's prometheus (prometheus and promtool) for the dashboard tests; does nothing when present.
+test-tools:
+	bash scripts/install_test_tools.sh
+
+test: setup test-tools lint typecheck
 	$(BIN)/pytest
 
 lint: setup

@@ -78,8 +78,12 @@ class NatsBus:
             ) from None
         return cls(client, name)
 
-    async def ensure_streams(self, specs: Sequence[StreamSpec] = STREAMS) -> None:
-        """Create or update every stream (idempotent); all services call this at start."""
+    async def ensure_streams(self, specs: Sequence[StreamSpec] = STREAMS, *, replicas: int = 1) -> None:
+        """Create or update every stream (idempotent); all services call this at start.
+
+        `replicas` is 1 on a single server and 3 in a clustered deployment, so
+        that each stream survives the loss of a server.
+        """
         for spec in specs:
             config = StreamConfig(
                 name=spec.name,
@@ -88,6 +92,7 @@ class NatsBus:
                 storage=StorageType.FILE,
                 duplicate_window=spec.duplicate_window_s,
                 max_age=spec.max_age_s,
+                num_replicas=replicas,
             )
             try:
                 await self.js.stream_info(spec.name)

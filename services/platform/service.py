@@ -142,7 +142,7 @@ async def _serve(service: str, settings: S, build: Build[S], log: logging.Logger
     metrics_server: MetricsServer | None = None
     app: ServiceApp | None = None
     try:
-        await bus.ensure_streams()
+        await bus.ensure_streams(replicas=settings.nats_stream_replicas)
         app = await build(ctx)
         metrics_server = MetricsServer(metrics, settings.metrics_host, settings.metrics_port)
         grpc_port = await grpc_server.start(settings.grpc_host, settings.grpc_port)
