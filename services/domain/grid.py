@@ -164,6 +164,15 @@ class Grid:
     def _tree(self) -> _SpanningTree:
         return _spanning_tree(len(self.nodes), self._endpoints, self.node_index[self.slack])
 
+    def search_tree(self) -> tuple[list[int], list[int]]:
+        """Nodes in depth-first order from the slack, and for each node the line it was reached by (-1 for the slack).
+
+        On a radial network this is the feeder's tree: every line joins a node
+        to the one it was reached from, and each node's subtree follows it in
+        the order.
+        """
+        return list(self._tree.preorder), list(self._tree.entry_line)
+
     @property
     def is_radial(self) -> bool:
         """True when no line lies on a loop: flows of whole-Wh injections are then whole Wh."""
@@ -427,6 +436,8 @@ class _SpanningTree:
     far_node: dict[int, int]
     # Nodes in preorder; the nodes below node n are preorder[pre[n] : pre[n] + size[n]].
     preorder: list[int]
+    # The line each node was first reached by (-1 for roots).
+    entry_line: list[int]
     pre: list[int]
     size: list[int]
 
@@ -437,6 +448,7 @@ def _spanning_tree(node_count: int, endpoints: Sequence[tuple[int, int]], root: 
     pre = [-1] * node_count
     low = [0] * node_count
     size = [1] * node_count
+    entry_line = [-1] * node_count
     preorder: list[int] = []
     bridges: list[int] = []
     far_node: dict[int, int] = {}
@@ -457,6 +469,7 @@ def _spanning_tree(node_count: int, endpoints: Sequence[tuple[int, int]], root: 
                     continue
                 if pre[neighbour] == -1:
                     pre[neighbour] = low[neighbour] = len(preorder)
+                    entry_line[neighbour] = edge
                     preorder.append(neighbour)
                     stack.append((neighbour, edge, 0))
                 else:
@@ -470,7 +483,7 @@ def _spanning_tree(node_count: int, endpoints: Sequence[tuple[int, int]], root: 
                     if low[node] > pre[parent]:
                         bridges.append(via)
                         far_node[via] = node
-    return _SpanningTree(sorted(bridges), far_node, preorder, pre, size)
+    return _SpanningTree(sorted(bridges), far_node, preorder, entry_line, pre, size)
 
 
 def _compute_ptdf(grid: Grid) -> FloatArray:

@@ -19,10 +19,11 @@ with the line limits rounded down to whole Wh (flows of whole-Wh injections
 are whole Wh there anyway) its vertices are integral and nothing is lost. On
 a meshed network flows are fractions of the injections; the few fractional
 marginal steps are rounded by trying every floor/ceiling pattern that keeps
-the balance (the best feasible one by welfare, then volume), else by a small
-integer program over the marginal steps (SCIP), else the line limits are
-tightened by a rounding margin and the LP solved again. Only marginal steps
-move in any of these, so the node prices of the LP stay a valid equilibrium.
+the balance (the best one within the limits by welfare, then volume); if none
+fits, the LP is solved again with the limits lowered a little, then by the
+full rounding margin, within which a balanced floor/ceiling rounding always
+fits (see `rules`). Only marginal steps move in any of these, so the node
+prices of the LP stay a valid equilibrium.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from services.matcher.domain.model import (
     INITIAL_HALF_WIDTH_LEVELS,
     VALUE_TOLERANCE_WH,
     StepSolution,
+    full_group_steps,
     solve_steps,
 )
 from services.matcher.domain.rules import (
@@ -57,7 +59,6 @@ BoolArray = npt.NDArray[np.bool_]
 FLOW_TOLERANCE_WH = 1e-6
 # Floor/ceiling patterns are enumerated for at most this many fractional steps.
 MAX_ENUMERATED_STEPS = 12
-MIP_TIME_LIMIT_S = 5.0
 
 
 class ClearingError(RuntimeError):
@@ -85,16 +86,34 @@ def allocate(
     true_limits = np.asarray(grid.line_limits_wh, dtype=np.float64)
     allowance = rounding_allowance_wh(grid)
     if grid.is_radial:
-        attempts = [np.floor(true_limits + FLOW_TOLERANCE_WH)]
-    else:
-        check_limits_allow_rounding(grid)
-        # First the true limits; then limits lowered by the rounding margin, within
-        # which a balanced floor/ceiling rounding always fits (see `rules`).
-        attempts = [true_limits, np.maximum(0.0, true_limits - rounding_margin_wh(grid))]
-    for attempt, limits in enumerate(attempts):
+        limits = np.floor(true_limits + FLOW_TOLERANCE_WH)
         solution = solve_steps(steps, grid, limits, initial_half_width=initial_half_width)
         allocation = _integer_allocation(
-            steps, grid, solution, limits, true_limits, allowance, tightened=attempt > 0
+            steps, grid, solution, limits, true_limits, allowance, tightened=False
+        )
+        if allocation is None:
+            raise ClearingError("the radial network's LP vertex was not whole (numerical trouble)")
+        return allocation
+    check_limits_allow_rounding(grid)
+    solution = solve_steps(steps, grid, true_limits, initial_half_width=initial_half_width)
+    allocation = _integer_allocation(
+        steps, grid, solution, true_limits, true_limits, allowance, tightened=False
+    )
+    if allocation is not None:
+        return allocation
+    # Lower the limits a little (by what rounding the LP's fractional steps can
+    # move), then by the full rounding margin, within which a balanced
+    # floor/ceiling rounding always fits (see `rules`).
+    largest = np.abs(grid.ptdf()).max(axis=1)
+    shadowed = int(np.count_nonzero(np.abs(solution.line_shadow_level) > DUAL_TOLERANCE_LEVELS))
+    margin = rounding_margin_wh(grid)
+    for lowered in (np.minimum(margin, (2 + shadowed) * largest), margin):
+        limits = np.maximum(0.0, true_limits - lowered)
+        solution = solve_steps(
+            steps, grid, limits, initial_half_width=initial_half_width, initial_levels=solution.node_level
+        )
+        allocation = _integer_allocation(
+            steps, grid, solution, limits, true_limits, allowance, tightened=True
         )
         if allocation is not None:
             return allocation
@@ -125,26 +144,53 @@ def _integer_allocation(
             "exact",
             solution,
         )
-    marginal = np.abs(steps.level - solution.node_level[steps.node]) <= DUAL_TOLERANCE_LEVELS * 10
-    values = solution.accepted_wh
-    fixed = ~marginal
-    fixed_values = np.rint(values[fixed])
-    tolerance = VALUE_TOLERANCE_WH + 1e-9 * energy[fixed]
-    at_bound = (np.abs(fixed_values - values[fixed]) <= tolerance) & (
-        (fixed_values == 0) | (fixed_values == energy[fixed])
+    layout = solution.layout
+    window = layout.window
+    values = solution.window_values
+    # Marginal steps (priced at their node's price) can only be window steps
+    # or a group's step nearest the window; every other step is fully
+    # accepted or rejected by any optimum.
+    nearest = np.where(
+        layout.group_expected_wh > 0,
+        np.where(steps.is_buy[layout.group_first], layout.group_first, layout.group_last - 1),
+        np.where(steps.is_buy[layout.group_first], layout.group_last - 1, layout.group_first),
     )
-    if not at_bound.all():
+    candidates = np.concatenate((window, nearest))
+    candidate_values = np.concatenate((values, layout.group_expected_wh * 0.0))
+    # A group's nearest step sits at the group's bound: Q if the group is accepted.
+    candidate_values[len(window) :] = np.where(layout.group_expected_wh > 0, energy[nearest], 0.0)
+    marginal_mask = (
+        np.abs(steps.level[candidates] - solution.node_level[steps.node[candidates]])
+        <= DUAL_TOLERANCE_LEVELS * 10
+    )
+    rounded = np.rint(values)
+    window_energy = energy[window]
+    at_bound = (np.abs(rounded - values) <= VALUE_TOLERANCE_WH + 1e-9 * window_energy) & (
+        (rounded == 0) | (rounded == window_energy)
+    )
+    if not np.all(at_bound | marginal_mask[: len(window)]):
         raise ClearingError("a step priced away from its node's price is partly accepted (not an LP optimum)")
     accepted = np.zeros(len(steps), dtype=np.int64)
-    accepted[fixed] = fixed_values.astype(np.int64)
-
-    marginal_steps = np.flatnonzero(marginal)
-    fixed_injection: FloatArray = np.bincount(
-        steps.node, weights=sign * accepted, minlength=node_count
+    full_members = full_group_steps(layout)
+    accepted[full_members] = energy[full_members]
+    accepted[window] = rounded.astype(np.int64)
+    marginal_steps = candidates[marginal_mask]
+    z = candidate_values[marginal_mask]
+    accepted[marginal_steps] = 0
+    # Injections of everything but the marginal steps: groups at their bounds,
+    # the window's other steps, minus what the marginal steps had put in.
+    group_sign = np.where(layout.group_is_buy, -1.0, 1.0)
+    fixed_injection: FloatArray = (
+        np.bincount(layout.group_node, weights=group_sign * layout.group_expected_wh, minlength=node_count)
+        + np.bincount(steps.node[window], weights=sign[window] * rounded, minlength=node_count)
+        - np.bincount(
+            steps.node[marginal_steps],
+            weights=sign[marginal_steps] * np.rint(z),
+            minlength=node_count,
+        )
     ).astype(np.float64)
     shadow = solution.line_shadow_level
     binding_direction = np.where(np.abs(shadow) > DUAL_TOLERANCE_LEVELS, np.sign(shadow), 0.0)
-    z = values[marginal_steps]
     marginal_buys = steps.is_buy[marginal_steps]
     if marginal_buys.any() and (~marginal_buys).any():
         z = _most_volume(steps, grid, marginal_steps, fixed_injection, limits, binding_direction, fallback=z)
@@ -169,12 +215,11 @@ def _integer_allocation(
         candidate = problem.accept(problem.balanced_rounding(z))
         method = "balanced rounding"
     if candidate is None:
-        candidate = problem.integer_program(continuous_flows)
-        method = "integer program"
-    if candidate is None:
         return None
     accepted[marginal_steps] = candidate
-    final_injection = np.bincount(steps.node, weights=sign * accepted, minlength=node_count)
+    final_injection = fixed_injection + np.bincount(
+        steps.node[marginal_steps], weights=sign[marginal_steps] * candidate, minlength=node_count
+    )
     flows = ptdf @ final_injection if line_count else np.zeros(0)
     if tightened:
         method = f"tightened, {method}"
@@ -325,57 +370,3 @@ class _Rounding:
         result = base.copy()
         result[largest] += 1
         return result
-
-    def integer_program(self, continuous_flows: FloatArray) -> IntArray | None:
-        """Whole-Wh marginal steps by a small integer program (SCIP): most welfare, then most volume."""
-        from ortools.linear_solver import pywraplp  # type: ignore[attr-defined]
-
-        solver = pywraplp.Solver.CreateSolver("SCIP")
-        if solver is None or not len(self.marginal_steps):
-            return None
-        solver.SetTimeLimit(int(MIP_TIME_LIMIT_S * 1000))
-        steps, marginal = self.steps, self.marginal_steps
-        energy = steps.energy_wh[marginal]
-        sign = steps.sign[marginal]
-        levels = steps.level[marginal]
-        is_buy = steps.is_buy[marginal]
-        node_of = steps.node[marginal]
-        variables = [solver.IntVar(0.0, float(q), f"z{i}") for i, q in enumerate(energy.tolist())]
-        total = -float(self.fixed_injection.sum())
-        balance = solver.RowConstraint(total, total, "balance")
-        for variable, coefficient in zip(variables, sign.tolist(), strict=True):
-            balance.SetCoefficient(variable, coefficient)
-        if len(self.grid.lines):
-            ptdf = self.grid.ptdf()
-            fixed_flows = ptdf @ self.fixed_injection
-            for line in range(len(self.grid.lines)):
-                lower = -self.true_limits[line]
-                upper = self.true_limits[line]
-                if self.binding[line]:
-                    # Keep a binding line within the allowance of its limit, in its direction.
-                    near = self.true_limits[line] - self.allowance[line]
-                    if continuous_flows[line] > FLOW_TOLERANCE_WH:
-                        lower = max(lower, near)
-                    elif continuous_flows[line] < -FLOW_TOLERANCE_WH:
-                        upper = min(upper, -near)
-                row = solver.RowConstraint(
-                    float(lower - fixed_flows[line]), float(upper - fixed_flows[line]), f"line{line}"
-                )
-                for variable, coefficient in zip(
-                    variables, (ptdf[line, node_of] * sign).tolist(), strict=True
-                ):
-                    if coefficient:
-                        row.SetCoefficient(variable, coefficient)
-        # Welfare relative to the mean level (the balance makes the shift free), plus
-        # a volume term too small to outweigh one tick-Wh of welfare.
-        reference = float(np.round(levels.mean()))
-        objective = solver.Objective()
-        volume_weight = 0.5 / (float(energy.sum()) + 1.0)
-        for variable, level, buy in zip(variables, levels.tolist(), is_buy.tolist(), strict=True):
-            per_wh = (level - reference) if buy else -(level - reference)
-            objective.SetCoefficient(variable, per_wh + (volume_weight if buy else 0.0))
-        objective.SetMaximization()
-        if solver.Solve() not in (pywraplp.Solver.OPTIMAL, pywraplp.Solver.FEASIBLE):
-            return None
-        result = np.clip(np.array([round(v.solution_value()) for v in variables], dtype=np.int64), 0, energy)
-        return self.accept(result)

@@ -63,10 +63,7 @@ def clear(
         "prices_s",
         lambda: set_prices(steps, allocation.accepted_wh, grid, allocation.flows_wh, allocation.binding),
     )
-    trades = timed(
-        "trades_s",
-        lambda: decompose(accepted, np.asarray(book.is_buy), np.asarray(book.node_index), len(grid.nodes)),
-    )
+    trades = timed("trades_s", lambda: decompose(accepted, np.asarray(book.is_buy)))
 
     step_sign = np.where(steps.is_buy, 1, -1).astype(np.int64)
     step_price = steps.level * steps.tick_micro_per_kwh

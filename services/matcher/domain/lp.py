@@ -113,26 +113,41 @@ def _encode_model(program: LinearProgram) -> bytes:
     records["objective_tag"] = 0x19  # field 3, 64-bit
     records["objective"] = program.objective
     parts = [_key(1, 0), b"\x01" if program.maximize else b"\x00", records.tobytes()]
-    starts = program.row_start
+    # All rows' packed indices and coefficients are encoded at once; each row
+    # then only slices its bytes out.
+    starts = program.row_start.tolist()
+    index_bytes, index_offsets = _packed_varints(program.column)
+    coefficient_bytes = np.ascontiguousarray(program.coefficient, dtype="<f8").tobytes()
+    bounds = np.empty((len(program.row_lower), 2), dtype="<f8")
+    bounds[:, 0] = program.row_lower
+    bounds[:, 1] = program.row_upper
+    bound_bytes = bounds.tobytes()
+    index_key, coefficient_key, lower_key, upper_key, row_key = (
+        _key(6, 2),
+        _key(7, 2),
+        _key(2, 1),
+        _key(3, 1),
+        _key(4, 2),
+    )
     for row in range(len(program.row_lower)):
-        begin, end = int(starts[row]), int(starts[row + 1])
-        indices = _packed_varints(program.column[begin:end])
-        coefficients = np.ascontiguousarray(program.coefficient[begin:end], dtype="<f8").tobytes()
+        begin, end = starts[row], starts[row + 1]
+        indices = index_bytes[index_offsets[begin] : index_offsets[end]]
+        coefficients = coefficient_bytes[8 * begin : 8 * end]
         body = b"".join(
-            [
-                _key(6, 2),
+            (
+                index_key,
                 _varint(len(indices)),
                 indices,
-                _key(7, 2),
+                coefficient_key,
                 _varint(len(coefficients)),
                 coefficients,
-                _key(2, 1),
-                np.float64(program.row_lower[row]).astype("<f8").tobytes(),
-                _key(3, 1),
-                np.float64(program.row_upper[row]).astype("<f8").tobytes(),
-            ]
+                lower_key,
+                bound_bytes[16 * row : 16 * row + 8],
+                upper_key,
+                bound_bytes[16 * row + 8 : 16 * row + 16],
+            )
         )
-        parts += [_key(4, 2), _varint(len(body)), body]
+        parts += [row_key, _varint(len(body)), body]
     return b"".join(parts)
 
 
@@ -178,6 +193,12 @@ def _key(field: int, wire: int) -> bytes:
 
 
 def _varint(value: int) -> bytes:
+    if value < _SMALL_VARINTS:
+        return _VARINT_TABLE[value]
+    return _encode_varint(value)
+
+
+def _encode_varint(value: int) -> bytes:
     out = bytearray()
     while True:
         byte = value & 0x7F
@@ -187,6 +208,10 @@ def _varint(value: int) -> bytes:
         else:
             out.append(byte)
             return bytes(out)
+
+
+_SMALL_VARINTS = 1 << 14
+_VARINT_TABLE = [_encode_varint(value) for value in range(_SMALL_VARINTS)]
 
 
 def _read_varint(data: bytes, position: int) -> tuple[int, int]:
@@ -201,11 +226,14 @@ def _read_varint(data: bytes, position: int) -> tuple[int, int]:
         shift += 7
 
 
-def _packed_varints(values: npt.ArrayLike) -> bytes:
-    """Little-endian base-128 varints of non-negative integers below 2**35, vectorised."""
+def _packed_varints(values: npt.ArrayLike) -> tuple[bytes, list[int]]:
+    """Little-endian base-128 varints of non-negative integers below 2**35, vectorised.
+
+    Returns the bytes and, for each value i, where its varint starts (with the total length last).
+    """
     numbers = np.asarray(values, dtype=np.int64)
     if numbers.size == 0:
-        return b""
+        return b"", [0]
     widths = 1 + (numbers >= 1 << 7) + (numbers >= 1 << 14) + (numbers >= 1 << 21) + (numbers >= 1 << 28)
     ends = np.cumsum(widths)
     starts = ends - widths
@@ -217,4 +245,4 @@ def _packed_varints(values: npt.ArrayLike) -> bytes:
         byte = (numbers[has] >> (7 * k)) & 0x7F
         more = widths[has] > k + 1
         out[starts[has] + k] = (byte | (more.astype(np.int64) << 7)).astype(np.uint8)
-    return out.tobytes()
+    return out.tobytes(), [*starts.tolist(), int(ends[-1])]

@@ -44,24 +44,22 @@ BoolArray = npt.NDArray[np.bool_]
 
 # Half width (in ticks) of the first price window around each node's expected price.
 INITIAL_HALF_WIDTH_LEVELS = 4
-# After this many rounds every step becomes a variable of its own.
+# Groups outside a window grow by this factor with the distance from it
+# (when estimating, and when certifying, where little detail is needed).
+GROUP_GROWTH = 4
+CERTIFY_GROUP_GROWTH = 16
+# The radial estimate builds node x price-bucket curves with at most this
+# many buckets per node and this many cells in all.
+MAX_CURVE_BUCKETS = 1024
+MAX_DENSE_CURVE_CELLS = 4_000_000
+# Rounds of estimating where the windows belong; then rounds of certifying
+# (windows only grow); after the last, every step is a variable of its own.
+ESTIMATE_ROUNDS = 2
 MAX_WINDOW_ROUNDS = 12
 # Tolerances on GLOP's floating-point answers: values are energies in Wh
 # (integers at vertices of the radial and single-node LPs), duals prices in ticks.
 VALUE_TOLERANCE_WH = 1e-6
 DUAL_TOLERANCE_LEVELS = 1e-7
-
-
-@dataclass(frozen=True, eq=False)
-class StepSolution:
-    """An optimal solution of the step LP with its dual prices."""
-
-    accepted_wh: FloatArray  # per step
-    node_level: FloatArray  # pi_n in ticks
-    line_shadow_level: FloatArray  # mu_l in ticks
-    flows_wh: FloatArray
-    rounds: int
-    columns: int
 
 
 @dataclass(frozen=True, eq=False)
@@ -73,9 +71,27 @@ class _Layout:
     group_is_buy: BoolArray
     group_first: IntArray  # steps [first, last) of each merged group
     group_last: IntArray
-    group_level: IntArray  # worst-case level of the group
+    group_level: FloatArray  # the level the group is priced at
     group_energy_wh: IntArray
     group_expected_wh: IntArray  # the bound the group should end at
+
+
+@dataclass(frozen=True, eq=False)
+class StepSolution:
+    """An optimal solution of the step LP with its dual prices.
+
+    Steps in `window` have their LP values; every other step belongs to one
+    of the groups of `layout` and sits at its group's expected bound (fully
+    accepted where `group_expected_wh` > 0, else rejected).
+    """
+
+    window_values: FloatArray
+    layout: _Layout
+    node_level: FloatArray  # pi_n in ticks
+    line_shadow_level: FloatArray  # mu_l in ticks
+    flows_wh: FloatArray
+    rounds: int
+    columns: int
 
 
 def solve_steps(
@@ -84,26 +100,65 @@ def solve_steps(
     limits_wh: FloatArray,
     *,
     initial_half_width: int = INITIAL_HALF_WIDTH_LEVELS,
+    initial_levels: FloatArray | None = None,
 ) -> StepSolution:
-    """Solve the step LP to optimality with growing price windows (see the module docstring)."""
+    """Solve the step LP to optimality with price windows (see the module docstring).
+
+    `initial_levels` (node prices in ticks, e.g. of a nearby LP) skip the estimating rounds.
+    """
     node_count = len(grid.nodes)
     line_count = len(grid.lines)
     if len(steps) == 0:
+        empty = np.zeros(0, dtype=np.int64)
+        nothing = _Layout(empty, empty, np.zeros(0, dtype=bool), empty, empty, np.zeros(0), empty, empty)
         return StepSolution(
-            np.zeros(0), np.full(node_count, np.nan), np.zeros(line_count), np.zeros(line_count), 0, 0
+            np.zeros(0),
+            nothing,
+            np.full(node_count, np.nan),
+            np.zeros(line_count),
+            np.zeros(line_count),
+            0,
+            0,
         )
-    centre = crossing_level(steps)
-    low = np.full(node_count, centre - initial_half_width, dtype=np.int64)
-    high = np.full(node_count, centre + initial_half_width, dtype=np.int64)
-    half_width = np.full(node_count, initial_half_width, dtype=np.int64)
     level_min, level_max = int(steps.level.min()), int(steps.level.max())
+    half_width = np.full(node_count, max(1, initial_half_width), dtype=np.int64)
     rounds = 0
+    estimate_rounds = ESTIMATE_ROUNDS
+    if initial_levels is None and grid.is_radial:
+        radial = radial_levels(steps, grid, limits_wh)
+        if radial is not None:
+            initial_levels = radial[0]
+            half_width[:] = np.maximum(half_width, radial[1] // 2 + 1)
+    if initial_levels is not None and np.all(np.isfinite(initial_levels)):
+        target = np.clip(np.rint(initial_levels), level_min, level_max).astype(np.int64)
+        estimate_rounds = 0
+    else:
+        target = np.full(node_count, crossing_level(steps), dtype=np.int64)
+    # Any reference price works (the balance makes it cancel); one near the prices keeps coefficients small.
+    centre = int(np.median(target))
+    # Estimate: groups at their volume-weighted price approximate the book, so
+    # the LP's prices say where each node's window belongs.
+    for _ in range(estimate_rounds):
+        rounds += 1
+        layout = define_variables(steps, target - half_width, target + half_width, certify=False)
+        solution = lp.solve(_program(steps, grid, layout, limits_wh, reference_level=centre))
+        estimate = np.clip(centre + solution.duals[:node_count], level_min, level_max)
+        settled = bool(np.all(np.abs(estimate - target) <= half_width / 2))
+        target = np.rint(estimate).astype(np.int64)
+        if settled:
+            break
+    # Certify: groups at their worst case; windows only grow until every group
+    # ends at its expected bound.
+    low = target - half_width
+    high = target + half_width
+    certify_rounds = 0
     while True:
         rounds += 1
-        if rounds > MAX_WINDOW_ROUNDS:
+        certify_rounds += 1
+        if certify_rounds > MAX_WINDOW_ROUNDS:
             low[:] = level_min
             high[:] = level_max
-        layout = define_variables(steps, low, high)
+        layout = define_variables(steps, low, high, certify=True)
         program = _program(steps, grid, layout, limits_wh, reference_level=centre)
         solution = lp.solve(program)
         window_count = len(layout.window)
@@ -114,15 +169,79 @@ def solve_steps(
         )
         if not off.any():
             break
-        _grow_windows(steps, layout, group_values, off, low, high, half_width)
+        target = np.clip(np.rint(centre + solution.duals[:node_count]), level_min, level_max).astype(np.int64)
+        missed = _implied_levels(steps, layout, group_values, off, target)
+        half_width[missed] *= 2
+        low = np.minimum(low, target - half_width)
+        high = np.maximum(high, target + half_width)
 
-    accepted = _expand(steps, layout, solution.values[:window_count])
     injections = solution.values[window_count + group_count :]
     duals = solution.duals
     node_level = centre + duals[:node_count]
     shadow = duals[node_count + 1 : node_count + 1 + line_count].copy()
     flows = grid.ptdf() @ injections if line_count else np.zeros(0)
-    return StepSolution(accepted, node_level, shadow, flows, rounds, len(program.lower))
+    return StepSolution(
+        solution.values[:window_count], layout, node_level, shadow, flows, rounds, len(program.lower)
+    )
+
+
+def radial_levels(steps: PriceSteps, grid: Grid, limits_wh: FloatArray) -> tuple[FloatArray, int] | None:
+    """Node prices (ticks) of a radial network from its subtrees' supply curves: where the windows belong.
+
+    E_n(p) = supply at or below p minus demand at or above p at node n; a
+    subtree's curve adds its children's curves clipped to their lines'
+    limits. The root's price is where its curve crosses zero; a child keeps
+    its parent's price unless its subtree would then push more than its
+    line's limit, in which case its price is where the subtree pushes exactly
+    the limit. Returns the levels and how many levels each is uncertain by
+    (the bucket width); None if the dense curves would be too large.
+    """
+    node_count = len(grid.nodes)
+    base = steps.base_level
+    span = int(steps.level.max()) - base + 1
+    # The curves live on buckets of price levels: the levels themselves, or
+    # ranges of them in a wide book (the estimate then has the bucket's width,
+    # which the returned window half width covers).
+    bucket = max(1, -(-span // MAX_CURVE_BUCKETS))
+    width = -(-span // bucket)
+    if node_count * width > MAX_DENSE_CURVE_CELLS:
+        return None
+    column = (steps.level - base) // bucket if bucket > 1 else steps.level - base
+    offset = steps.node * width + column
+    buys = steps.is_buy
+    cells = node_count * width
+    supply = np.bincount(offset[~buys], weights=steps.energy_wh[~buys], minlength=cells).reshape(
+        node_count, width
+    )
+    demand = np.bincount(offset[buys], weights=steps.energy_wh[buys], minlength=cells).reshape(
+        node_count, width
+    )
+    # Supply at or below a bucket, minus demand at or above it (all demand minus demand below it).
+    curves = np.cumsum(supply, axis=1) - (
+        demand.sum(axis=1, keepdims=True) - np.cumsum(demand, axis=1) + demand
+    )
+    order, entry_line = grid.search_tree()
+    ends = [(grid.node_index[line.from_node], grid.node_index[line.to_node]) for line in grid.lines]
+    parent = [-1] * node_count
+    for node in order[1:]:
+        a, b = ends[entry_line[node]]
+        parent[node] = a if b == node else b
+    for node in reversed(order[1:]):
+        limit = limits_wh[entry_line[node]]
+        curves[parent[node]] += np.clip(curves[node], -limit, limit)
+    position = np.empty(node_count, dtype=np.int64)
+    root = order[0]
+    position[root] = min(int(np.searchsorted(curves[root], 0.0, side="left")), width - 1)
+    for node in order[1:]:
+        limit = limits_wh[entry_line[node]]
+        at_parent = curves[node][position[parent[node]]]
+        if at_parent > limit:
+            position[node] = min(int(np.searchsorted(curves[node], limit, side="left")), width - 1)
+        elif at_parent < -limit:
+            position[node] = min(int(np.searchsorted(curves[node], -limit, side="left")), width - 1)
+        else:
+            position[node] = position[parent[node]]
+    return (base + position * bucket + (bucket - 1) / 2).astype(np.float64), bucket
 
 
 def crossing_level(steps: PriceSteps) -> int:
@@ -140,59 +259,81 @@ def crossing_level(steps: PriceSteps) -> int:
     return low + (int(crossed[0]) if crossed.size else span - 1)
 
 
-def define_variables(steps: PriceSteps, low: IntArray, high: IntArray) -> _Layout:
-    """Columns: y_k for steps inside their node's window [low_n, high_n]; one merged y per group outside.
+def define_variables(steps: PriceSteps, low: IntArray, high: IntArray, *, certify: bool) -> _Layout:
+    """Columns: y_k for steps inside their node's window [low_n, high_n]; merged groups outside.
 
-    0 <= y_k <= Q_k; a group below or above a window has 0 <= y_g <= sum of its Q_k.
+    0 <= y_k <= Q_k; a group has 0 <= y_g <= sum of its Q_k. Outside a
+    window the groups grow with the distance (3w, 12w, 48w, ... for a window
+    of half width w), so the book near the window keeps its detail.
+    A group is priced at its worst case for the expected outcome when
+    `certify` (buys above and sells below a window expected accepted, the
+    others rejected: the step nearest the window), else at its
+    volume-weighted mean level (an estimate of the book).
     """
     node_count = len(low)
+    base = steps.base_level
+    span = steps.key_span
+    # Cut levels per node: ... low-15w, low-3w, low | window | high+1, high+1+3w, high+1+15w, ...
+    half = np.maximum(1, (high - low) // 2)
+    growth = CERTIFY_GROUP_GROWTH if certify else GROUP_GROWTH
+    reach = int(np.ceil(np.log(max(2.0, span / float(half.min()))) / np.log(growth))) + 1
+    offsets = half[:, None] * (growth ** np.arange(1, reach + 1) - 1)[None, :]
+    below = (low[:, None] - offsets)[:, ::-1]
+    above = (high[:, None] + 1) + offsets
+    cuts = np.concatenate((below, low[:, None], high[:, None] + 1, above), axis=1)
+    # A cut at offset `span` is the segment's end (the next segment's first key).
+    cuts = np.clip(cuts - base, 0, span)
+    window_cut = below.shape[1]  # the window lies between cut columns window_cut and window_cut + 1
     segments = np.arange(2 * node_count)
-    segment_node = segments // 2
-    span_key = steps.level - int(steps.level.min())
-    width = int(span_key.max()) + 2
-    # Steps are sorted by (segment, level): find each window's first and last step by key.
-    key = (steps.node * 2 + steps.is_buy) * width + span_key
-    base = int(steps.level.min())
-    low_key = segments * width + np.clip(low[segment_node] - base, -1, width - 1)
-    high_key = segments * width + np.clip(high[segment_node] - base, -1, width - 1)
-    first_in = np.searchsorted(key, low_key, side="left")
-    after_in = np.searchsorted(key, high_key, side="right")
-    start = steps.segment_start[:-1]
-    end = steps.segment_start[1:]
-    first_in = np.clip(first_in, start, end)
-    after_in = np.clip(after_in, first_in, end)
+    bounds = np.searchsorted(steps.step_key, segments[:, None] * span + cuts[segments // 2], side="left")
+    start = steps.segment_start[:-1][:, None]
+    end = steps.segment_start[1:][:, None]
+    edges = np.concatenate((start, np.clip(bounds, start, end), end), axis=1)
+    edges = np.maximum.accumulate(edges, axis=1)
+    first = edges[:, :-1]
+    last = edges[:, 1:]
+    is_window = np.zeros(first.shape, dtype=bool)
+    is_window[:, window_cut + 1] = True
+    window = _ranges(first[:, window_cut + 1], last[:, window_cut + 1])
 
-    in_window = np.zeros(len(steps) + 1, dtype=np.int64)
-    np.add.at(in_window, first_in, 1)
-    np.add.at(in_window, after_in, -1)
-    window = np.flatnonzero(np.cumsum(in_window[:-1]) > 0)
-
-    prefix = np.concatenate(([0], np.cumsum(steps.energy_wh)))
-    is_buy_segment = (segments % 2).astype(bool)
-    below_energy = prefix[first_in] - prefix[start]
-    above_energy = prefix[end] - prefix[after_in]
-    below = below_energy > 0
-    above = above_energy > 0
-    group_node = np.concatenate((segment_node[below], segment_node[above]))
-    group_is_buy = np.concatenate((is_buy_segment[below], is_buy_segment[above]))
-    group_first = np.concatenate((start[below], after_in[above]))
-    group_last = np.concatenate((first_in[below], end[above]))
-    # Worst case for the expected outcome: the group's step nearest the window.
-    group_level = np.concatenate((steps.level[first_in[below] - 1], steps.level[after_in[above]]))
-    group_energy = np.concatenate((below_energy[below], above_energy[above]))
-    # Sells below and buys above a window are expected fully accepted, the rest rejected.
-    expected_full = np.concatenate((~is_buy_segment[below], is_buy_segment[above]))
-    order = np.lexsort((group_first, group_node))
+    energy_prefix = steps.energy_prefix
+    group_energy = energy_prefix[last] - energy_prefix[first]
+    is_group = (group_energy > 0) & ~is_window
+    segment_of = np.broadcast_to(segments[:, None], first.shape)[is_group]
+    group_first = first[is_group]
+    group_last = last[is_group]
+    group_energy = group_energy[is_group]
+    below_window = np.arange(first.shape[1])[None, :] <= window_cut
+    group_below = np.broadcast_to(below_window, first.shape)[is_group]
+    group_is_buy = (segment_of % 2).astype(bool)
+    if certify:
+        group_level = np.where(group_below, steps.level[group_last - 1], steps.level[group_first]).astype(
+            np.float64
+        )
+    else:
+        weighted_prefix = steps.weighted_prefix
+        group_level = base + (weighted_prefix[group_last] - weighted_prefix[group_first]) / group_energy
+    expected_full = np.where(group_below, ~group_is_buy, group_is_buy)
     return _Layout(
         window=window,
-        group_node=group_node[order],
-        group_is_buy=group_is_buy[order],
-        group_first=group_first[order],
-        group_last=group_last[order],
-        group_level=group_level[order],
-        group_energy_wh=group_energy[order],
-        group_expected_wh=np.where(expected_full, group_energy, 0)[order],
+        group_node=segment_of // 2,
+        group_is_buy=group_is_buy,
+        group_first=group_first,
+        group_last=group_last,
+        group_level=group_level,
+        group_energy_wh=group_energy,
+        group_expected_wh=np.where(expected_full, group_energy, 0),
     )
+
+
+def _ranges(first: IntArray, last: IntArray) -> IntArray:
+    """The indices of the ranges [first_i, last_i), concatenated."""
+    lengths = np.maximum(0, last - first)
+    total = int(lengths.sum())
+    if not total:
+        return np.zeros(0, dtype=np.int64)
+    starts = np.cumsum(lengths) - lengths
+    return np.arange(total, dtype=np.int64) - np.repeat(starts - first, lengths)
 
 
 def define_constraints(
@@ -244,7 +385,7 @@ def define_constraints(
     )
 
 
-def define_objective(column_level: IntArray, column_is_buy: BoolArray, reference_level: int) -> FloatArray:
+def define_objective(column_level: FloatArray, column_is_buy: BoolArray, reference_level: int) -> FloatArray:
     """Welfare per Wh of each step column: (p - ref) for buys, -(p - ref) for sells (in ticks)."""
     relative = (column_level - reference_level).astype(np.float64)
     return np.where(column_is_buy, relative, -relative)
@@ -257,7 +398,7 @@ def _program(
     window = layout.window
     column_node = np.concatenate((steps.node[window], layout.group_node))
     column_is_buy = np.concatenate((steps.is_buy[window], layout.group_is_buy))
-    column_level = np.concatenate((steps.level[window], layout.group_level))
+    column_level = np.concatenate((steps.level[window].astype(np.float64), layout.group_level))
     column_energy = np.concatenate((steps.energy_wh[window], layout.group_energy_wh)).astype(np.float64)
     column_sign = np.where(column_is_buy, -1.0, 1.0)
     row_start, columns, coefficients, row_lower, row_upper = define_constraints(
@@ -273,45 +414,31 @@ def _program(
     )
 
 
-def _expand(steps: PriceSteps, layout: _Layout, window_values: FloatArray) -> FloatArray:
-    """Accepted energy of every step: window steps from the LP, grouped steps at their expected bound."""
-    accepted = np.zeros(len(steps), dtype=np.float64)
-    marks = np.zeros(len(steps) + 1, dtype=np.int64)
+def full_group_steps(layout: _Layout) -> IntArray:
+    """The steps of the groups expected fully accepted."""
     full = layout.group_expected_wh > 0
-    np.add.at(marks, layout.group_first[full], 1)
-    np.add.at(marks, layout.group_last[full], -1)
-    in_full_group = np.cumsum(marks[:-1]) > 0
-    accepted[in_full_group] = steps.energy_wh[in_full_group]
-    accepted[layout.window] = window_values
-    return accepted
+    return _ranges(layout.group_first[full], layout.group_last[full])
 
 
-def _grow_windows(
-    steps: PriceSteps,
-    layout: _Layout,
-    group_values: FloatArray,
-    off: BoolArray,
-    low: IntArray,
-    high: IntArray,
-    half_width: IntArray,
-) -> None:
-    """Grow the window of each node whose merged variable missed its bound, towards the price it implies.
+def _implied_levels(
+    steps: PriceSteps, layout: _Layout, group_values: FloatArray, off: BoolArray, target: IntArray
+) -> BoolArray:
+    """Set `target` of each node with a missed group to the level that group's volume implies.
 
     A group's accepted volume v says where the price lies inside it: buys are
     accepted from the highest price down, sells from the lowest up, so the
     price is near the level at which the group's volume from that end reaches v.
+    Returns which nodes had a missed group.
     """
+    missed = np.zeros(len(target), dtype=bool)
     for group in np.flatnonzero(off):
         first, last = int(layout.group_first[group]), int(layout.group_last[group])
         levels = steps.level[first:last]
         energies = steps.energy_wh[first:last].astype(np.float64)
-        value = float(group_values[group])
         if layout.group_is_buy[group]:
             levels, energies = levels[::-1], energies[::-1]
-        reached = np.searchsorted(np.cumsum(energies), value - VALUE_TOLERANCE_WH, side="left")
-        target = int(levels[min(int(reached), len(levels) - 1)])
+        reached = np.searchsorted(np.cumsum(energies), float(group_values[group]) - VALUE_TOLERANCE_WH)
         node = int(layout.group_node[group])
-        width = int(half_width[node])
-        low[node] = min(int(low[node]), target - width)
-        high[node] = max(int(high[node]), target + width)
-        half_width[node] = width * 2
+        target[node] = int(levels[min(int(reached), len(levels) - 1)])
+        missed[node] = True
+    return missed

@@ -33,7 +33,6 @@ import numpy as np
 import numpy.typing as npt
 
 from services.domain.grid import Grid
-from services.matcher.domain import lp
 from services.matcher.domain.allocation import FLOW_TOLERANCE_WH, ClearingError
 from services.matcher.domain.rules import midpoint_rule
 from services.matcher.domain.steps import PriceSteps
@@ -65,8 +64,12 @@ def node_bounds(steps: PriceSteps, accepted_wh: IntArray, node_count: int) -> tu
     low = np.full(node_count, -_NO_BOUND, dtype=np.int64)
     high = np.full(node_count, _NO_BOUND, dtype=np.int64)
     if len(steps):
-        np.maximum.at(low, steps.node[raises_floor], steps.level[raises_floor])
-        np.minimum.at(high, steps.node[lowers_ceiling], steps.level[lowers_ceiling])
+        # Steps are sorted by node: reduce each node's run.
+        node_start = steps.segment_start[0:-1:2]
+        present = steps.segment_start[2::2] > node_start
+        starts = node_start[present]
+        low[present] = np.maximum.reduceat(np.where(raises_floor, steps.level, -_NO_BOUND), starts)
+        high[present] = np.minimum.reduceat(np.where(lowers_ceiling, steps.level, _NO_BOUND), starts)
     return low, high
 
 
@@ -132,84 +135,76 @@ def _congested_prices(
             column_line.append(line)
             column_sign.append(-1.0)
     mu_count = len(column_line)
-    columns = 1 + mu_count
     lines_of = np.array(column_line, dtype=np.int64)
     signs = np.array(column_sign, dtype=np.float64)
-    # Node row n: lambda - sum_c PTDF[line_c, n] * sign_c * nu_c within [low_n, high_n].
     bounded = np.flatnonzero(bounded_low | bounded_high)
-    coefficients = np.concatenate(
-        (np.ones((len(bounded), 1)), -(ptdf[lines_of][:, bounded] * signs[:, None]).T), axis=1
-    )
     finite_levels = np.concatenate((low[bounded_low], high[bounded_high])).astype(np.float64)
     reach = float(finite_levels.max() - finite_levels.min()) + 1.0
     # An artificial box on lambda stands for "unbounded"; reaching it means that end is open.
     lambda_box = (float(finite_levels.min()) - 4 * reach - 1.0, float(finite_levels.max()) + 4 * reach + 1.0)
-    row_lower = np.where(bounded_low[bounded], low[bounded], -np.inf).astype(np.float64)
-    row_upper = np.where(bounded_high[bounded], high[bounded], np.inf).astype(np.float64)
-    lower = np.concatenate(([lambda_box[0]], np.zeros(mu_count)))
-    upper = np.concatenate(([lambda_box[1]], np.full(mu_count, np.inf)))
-    extra_rows: list[tuple[FloatArray, float, float]] = []
 
-    def solve(objective: FloatArray, maximize: bool) -> FloatArray:
-        dense = coefficients
-        lows = row_lower
-        highs = row_upper
-        if extra_rows:
-            dense = np.vstack([coefficients] + [row for row, _, _ in extra_rows])
-            lows = np.concatenate((row_lower, [lo for _, lo, _ in extra_rows]))
-            highs = np.concatenate((row_upper, [hi for _, _, hi in extra_rows]))
-        row_index, column_index = np.nonzero(dense)
-        program = lp.LinearProgram(
-            lower=lower,
-            upper=upper,
-            objective=objective,
-            row_start=np.searchsorted(row_index, np.arange(dense.shape[0] + 1)).astype(np.int64),
-            column=column_index.astype(np.int64),
-            coefficient=dense[row_index, column_index],
-            row_lower=lows,
-            row_upper=highs,
-            maximize=maximize,
+    # One small GLOP model, re-solved with changed objectives and bounds (warm started).
+    from ortools.linear_solver import pywraplp  # type: ignore[attr-defined]
+
+    solver = pywraplp.Solver.CreateSolver("GLOP")
+    solver.SetSolverSpecificParametersAsString(_PRICE_LP_PARAMETERS)
+    infinity = solver.infinity()
+    lam = solver.NumVar(lambda_box[0], lambda_box[1], "lambda")
+    nu = [solver.NumVar(0.0, infinity, f"nu{c}") for c in range(mu_count)]
+    # Node row n: lambda - sum_c PTDF[line_c, n] * sign_c * nu_c within [low_n, high_n].
+    coefficients = -(ptdf[lines_of][:, bounded] * signs[:, None]).T
+    for row, node in enumerate(bounded.tolist()):
+        constraint = solver.RowConstraint(
+            float(low[node]) if bounded_low[node] else -infinity,
+            float(high[node]) if bounded_high[node] else infinity,
+            "",
         )
-        try:
-            return lp.solve(program, parameters=_PRICE_LP_PARAMETERS).values
-        except lp.SolverError as exc:
-            raise ClearingError(f"no equilibrium prices fit the allocation (status {exc.status})") from exc
+        constraint.SetCoefficient(lam, 1.0)
+        for column, value in enumerate(coefficients[row].tolist()):
+            if value:
+                constraint.SetCoefficient(nu[column], value)
+    objective = solver.Objective()
 
-    def fix(row: FloatArray, value: float) -> None:
-        slack = 1e-9 * max(1.0, abs(value))
-        used = np.flatnonzero(row)
-        if len(used) == 1:
-            # One variable: fix it by its bounds (sharper than a row).
-            column = int(used[0])
-            scaled = value / row[column]
-            lower[column] = upper[column] = scaled
-        else:
-            extra_rows.append((row, value - slack, value + slack))
+    def optimise(weights: dict[int, float], maximize: bool) -> float:
+        """Optimise sum(weights[c] * x_c) over columns (0 is lambda, c > 0 is nu_{c-1}); its value."""
+        objective.Clear()
+        for column, weight in weights.items():
+            objective.SetCoefficient(lam if column == 0 else nu[column - 1], weight)
+        objective.SetOptimizationDirection(maximize)
+        status = solver.Solve()
+        if status != pywraplp.Solver.OPTIMAL:
+            raise ClearingError(f"no equilibrium prices fit the allocation (LP status {status})")
+        return float(objective.Value())
 
     # 1. The least congestion: minimise the sum of |mu|.
-    congestion = np.concatenate(([0.0], np.ones(mu_count)))
-    least = float(congestion @ solve(congestion, maximize=False))
-    extra_rows.append((congestion, -np.inf, least + 1e-9 * max(1.0, least)))
+    everything = {c + 1: 1.0 for c in range(mu_count)}
+    least = optimise(everything, maximize=False)
+    cap = solver.RowConstraint(-infinity, least + 1e-9 * max(1.0, least), "least congestion")
+    for variable in nu:
+        cap.SetCoefficient(variable, 1.0)
     # 2. lambda at the midpoint of its range.
-    unit = np.zeros(columns)
-    unit[0] = 1.0
-    lambda_low = float(solve(unit, maximize=False)[0])
-    lambda_high = float(solve(unit, maximize=True)[0])
+    lambda_low = optimise({0: 1.0}, maximize=False)
+    lambda_high = optimise({0: 1.0}, maximize=True)
     lambda_value = _midpoint(
         None if lambda_low <= lambda_box[0] + 1e-6 else lambda_low,
         None if lambda_high >= lambda_box[1] - 1e-6 else lambda_high,
     )
-    fix(unit, lambda_value)
+    lam.SetBounds(lambda_value, lambda_value)
     # 3. Each binding line's mu at the midpoint of its range, in line order.
     mu = np.zeros(len(grid.lines))
     for line in binding_lines.tolist():
-        row = np.concatenate(([0.0], np.where(lines_of == line, signs, 0.0)))
-        if not row.any():
-            continue
-        mu_low = float(row @ solve(row, maximize=False))
-        mu_high = float(row @ solve(row, maximize=True))
+        columns = {c + 1: float(signs[c]) for c in np.flatnonzero(lines_of == line).tolist()}
+        mu_low = optimise(columns, maximize=False)
+        mu_high = optimise(columns, maximize=True)
         value = (mu_low + mu_high) / 2
-        fix(row, value)
+        if len(columns) == 1:
+            ((column, sign),) = columns.items()
+            nu[column - 1].SetBounds(value * sign, value * sign)
+        else:
+            slack = 1e-9 * max(1.0, abs(value))
+            fixed = solver.RowConstraint(value - slack, value + slack, "")
+            for column, sign in columns.items():
+                fixed.SetCoefficient(nu[column - 1], sign)
         mu[line] = value
     levels = lambda_value - ptdf.T @ mu
     prices = _round_half_even(levels * tick)

@@ -20,17 +20,19 @@ _INT64_SAFE = 2**62
 
 
 def split_to_orders(steps: PriceSteps, step_accepted_wh: IntArray, energy_wh: IntArray) -> IntArray:
-    """Accepted Wh per order (orders in book order, as the steps' `order_step` refers to them)."""
+    """Accepted Wh per order (orders in book order, as `aggregate` saw them)."""
     if not len(energy_wh):
         return np.zeros(0, dtype=np.int64)
-    full = step_accepted_wh == steps.energy_wh
-    partial = (step_accepted_wh > 0) & ~full
-    order_step = steps.order_step
-    accepted = np.where(full[order_step], energy_wh, 0).astype(np.int64)
-    if not partial.any():
+    # Per step: 0 rejected, 1 fully accepted, 2 partly accepted.
+    state = np.where(step_accepted_wh == steps.energy_wh, 1, np.where(step_accepted_wh > 0, 2, 0)).astype(
+        np.int8
+    )
+    order_state = steps.per_order(state)
+    accepted = np.where(order_state == 1, energy_wh, 0)
+    if not (state == 2).any():
         return accepted
-    rows = np.flatnonzero(partial[order_step])
-    step = order_step[rows]
+    rows = np.flatnonzero(order_state == 2)
+    step = steps.steps_of(rows)
     quantity = energy_wh[rows]
     step_total = steps.energy_wh[step]
     step_share = step_accepted_wh[step]

@@ -10,6 +10,7 @@ the market's tick, so a step is identified exactly by its price level
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import numpy.typing as npt
@@ -27,10 +28,10 @@ IntArray = npt.NDArray[np.int64]
 BoolArray = npt.NDArray[np.bool_]
 
 # Dense aggregation (a bincount over node x side x price level) is used while
-# its table stays within this many cells per order (or 2**20 in all);
+# its table stays within this many cells per order (or 2**16 in all);
 # beyond that (very wide price ranges) a sort-based grouping takes over.
-_DENSE_CELLS_PER_ORDER = 4
-_DENSE_CELLS_MIN = 1 << 20
+_DENSE_CELLS_PER_ORDER = 16
+_DENSE_CELLS_MIN = 1 << 16
 
 
 @dataclass(frozen=True, eq=False)
@@ -56,16 +57,53 @@ class PriceSteps:
     level: IntArray
     energy_wh: IntArray
     segment_start: IntArray
-    order_step: IntArray
+    # Each order's key and each step's key (sorted, unique); in a dense book
+    # (key_cells > 0) keys index a table of key_cells cells, otherwise
+    # `order_step` holds each order's step.
+    order_key: IntArray
+    step_key: IntArray
+    # Keys are segment * key_span + (level - base_level), segment = 2 * node + is_buy.
+    key_span: int
+    key_cells: int
+    order_step: IntArray | None
     tick_micro_per_kwh: int
 
     def __len__(self) -> int:
         return len(self.level)
 
-    @property
+    def per_order(self, values: npt.NDArray[np.int8]) -> npt.NDArray[np.int8]:
+        """A small per-step value (e.g. a state code) looked up for every order."""
+        if self.order_step is not None:
+            return values[self.order_step]
+        table = np.zeros(self.key_cells, dtype=values.dtype)
+        table[self.step_key] = values
+        return table[self.order_key]
+
+    def steps_of(self, rows: IntArray) -> IntArray:
+        """The step of each order in `rows`."""
+        if self.order_step is not None:
+            return self.order_step[rows]
+        return np.searchsorted(self.step_key, self.order_key[rows]).astype(np.int64)
+
+    @cached_property
     def sign(self) -> npt.NDArray[np.float64]:
         """+1 for sells (energy into the node), -1 for buys."""
         return np.where(self.is_buy, -1.0, 1.0)
+
+    @cached_property
+    def base_level(self) -> int:
+        return int(self.level.min()) if len(self.level) else 0
+
+    @cached_property
+    def energy_prefix(self) -> IntArray:
+        """energy_prefix[i] = energy of steps [0, i)."""
+        return np.concatenate(([0], np.cumsum(self.energy_wh))).astype(np.int64)
+
+    @cached_property
+    def weighted_prefix(self) -> npt.NDArray[np.float64]:
+        """Prefix sums of energy x (level - base_level), for volume-weighted mean levels."""
+        weighted = self.energy_wh * (self.level - self.base_level).astype(np.float64)
+        return np.concatenate(([0.0], np.cumsum(weighted)))
 
 
 def validate(request: ClearingInput, grid: Grid) -> ValidOrders:
@@ -90,36 +128,40 @@ def validate(request: ClearingInput, grid: Grid) -> ValidOrders:
     if np.asarray(request.is_buy).dtype != np.bool_:
         raise OrderError("column is_buy", "must hold booleans")
 
+    # Cheap reductions first; the rows are only searched once a rule is broken.
     node_count = len(grid.nodes)
-    bad = (node < 0) | (node >= node_count)
-    if bad.any():
-        row = int(np.argmax(bad))
+    if int(node.min()) < 0 or int(node.max()) >= node_count:
+        row = int(np.argmax((node < 0) | (node >= node_count)))
         raise OrderError(request.describe_row(row), f"node index {int(node[row])} is not a node of the grid")
-    bad = (energy <= 0) | (energy > MAX_ORDER_ENERGY_WH)
-    if bad.any():
-        row = int(np.argmax(bad))
+    if int(energy.min()) <= 0 or int(energy.max()) > MAX_ORDER_ENERGY_WH:
+        row = int(np.argmax((energy <= 0) | (energy > MAX_ORDER_ENERGY_WH)))
         rule = (
             "must be positive"
             if energy[row] <= 0
             else f"exceeds the largest order of {MAX_ORDER_ENERGY_WH} Wh"
         )
         raise OrderError(request.describe_row(row), f"energy_wh {int(energy[row])} {rule}")
-    tick = grid.price_tick_micro_per_kwh
-    level = price // tick
-    bad = (level * tick != price) | (np.abs(price) > MAX_ABS_PRICE_MICRO_PER_KWH)
-    if bad.any():
-        row = int(np.argmax(bad))
-        rule = (
-            f"is not on the market's tick of {tick} micro per kWh"
-            if price[row] % tick
-            else f"is beyond ±{MAX_ABS_PRICE_MICRO_PER_KWH} micro per kWh"
+    if int(price.min()) < -MAX_ABS_PRICE_MICRO_PER_KWH or int(price.max()) > MAX_ABS_PRICE_MICRO_PER_KWH:
+        row = int(np.argmax(np.abs(price) > MAX_ABS_PRICE_MICRO_PER_KWH))
+        raise OrderError(
+            request.describe_row(row),
+            f"price {int(price[row])} micro per kWh is beyond ±{MAX_ABS_PRICE_MICRO_PER_KWH} micro per kWh",
         )
-        raise OrderError(request.describe_row(row), f"price {int(price[row])} micro per kWh {rule}")
+    tick = grid.price_tick_micro_per_kwh
+    # Prices are below 2**53, so the float quotient rounds to the exact level
+    # whenever the price is on the tick; the product check catches the rest.
+    level = np.rint(price * (1.0 / tick)).astype(np.int64)
+    if not np.array_equal(level * tick, price):
+        row = int(np.argmax(level * tick != price))
+        raise OrderError(
+            request.describe_row(row),
+            f"price {int(price[row])} micro per kWh is not on the market's tick of {tick} micro per kWh",
+        )
     if float(energy.sum(dtype=np.float64)) >= MAX_BOOK_ENERGY_WH:
         raise OrderError("orders", f"the book's total energy reaches 2**52 Wh ({MAX_BOOK_ENERGY_WH})")
 
     input_row: IntArray | None = None
-    if count > 1 and not bool(np.all(sequence[1:] > sequence[:-1])):
+    if count > 1 and not bool(np.all(np.greater(sequence[1:], sequence[:-1]))):
         # Not in book order (e.g. a shuffled file): sort once, then check uniqueness.
         input_row = np.argsort(sequence, kind="stable").astype(np.int64)
         ordered = sequence[input_row]
@@ -136,16 +178,18 @@ def validate(request: ClearingInput, grid: Grid) -> ValidOrders:
 
 
 def aggregate(orders: ValidOrders, grid: Grid) -> PriceSteps:
-    """Merge orders into steps per (node, side, price level); record each order's step.
+    """Merge orders into steps per (node, side, price level) and remember which step each order is in.
 
     Q_k = sum of energy_wh over the orders of step k (exact: totals stay below 2**52).
+    Each order gets a key (node, side, level) that sorts like the steps; in a
+    dense book the keys index a table, so the step of every order is one lookup.
     """
     request = orders.request
     node_count = len(grid.nodes)
     tick = grid.price_tick_micro_per_kwh
     count = len(request)
+    empty = np.zeros(0, dtype=np.int64)
     if count == 0:
-        empty = np.zeros(0, dtype=np.int64)
         return PriceSteps(
             empty,
             np.zeros(0, dtype=bool),
@@ -153,33 +197,48 @@ def aggregate(orders: ValidOrders, grid: Grid) -> PriceSteps:
             empty,
             np.zeros(2 * node_count + 1, dtype=np.int64),
             empty,
+            empty,
+            1,
+            0,
+            None,
             tick,
         )
     level = orders.level
     low = int(level.min())
     span = int(level.max()) - low + 1
-    segment = np.asarray(request.node_index, dtype=np.int64) * 2 + request.is_buy
-    key = segment * span + (level - low)
+    segment = np.asarray(request.node_index, dtype=np.int64) * 2
+    segment += request.is_buy
+    order_key = segment * span
+    order_key += level
+    order_key -= low
     energy = np.asarray(request.energy_wh)
     cells = 2 * node_count * span
+    order_step: IntArray | None = None
     if cells <= max(_DENSE_CELLS_PER_ORDER * count, _DENSE_CELLS_MIN):
-        sums = np.bincount(key, weights=energy, minlength=cells)
+        sums = np.bincount(order_key, weights=energy, minlength=cells)
         step_key = np.flatnonzero(sums)
-        compact = np.zeros(cells, dtype=np.int64)
-        compact[step_key] = np.arange(len(step_key), dtype=np.int64)
-        order_step = compact[key]
         step_energy = sums[step_key].astype(np.int64)
     else:
-        step_key, order_step = np.unique(key, return_inverse=True)
+        step_key, inverse = np.unique(order_key, return_inverse=True)
+        order_step = inverse.astype(np.int64, copy=False)
         step_energy = np.bincount(order_step, weights=energy, minlength=len(step_key)).astype(np.int64)
-    step_segment = step_key // span
-    segment_start = np.searchsorted(step_segment, np.arange(2 * node_count + 1), side="left").astype(np.int64)
+        cells = 0
+    # Steps are sorted by key: each (node, side) segment is one run; no divisions needed.
+    segment_start = np.searchsorted(step_key, np.arange(2 * node_count + 1, dtype=np.int64) * span).astype(
+        np.int64
+    )
+    runs = np.diff(segment_start)
+    step_segment = np.repeat(np.arange(2 * node_count, dtype=np.int64), runs)
     return PriceSteps(
-        node=step_segment // 2,
-        is_buy=(step_segment % 2).astype(bool),
-        level=step_key % span + low,
+        node=step_segment >> 1,
+        is_buy=(step_segment & 1).astype(bool),
+        level=step_key - step_segment * span + low,
         energy_wh=step_energy,
         segment_start=segment_start,
-        order_step=order_step.astype(np.int64, copy=False),
+        order_key=order_key,
+        step_key=step_key.astype(np.int64, copy=False),
+        key_span=span,
+        key_cells=cells,
+        order_step=order_step,
         tick_micro_per_kwh=tick,
     )

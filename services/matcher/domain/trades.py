@@ -1,10 +1,10 @@
 """Decomposition of the allocation into bilateral trades (buyer order, seller order, energy_wh).
 
-Local first: at each node the accepted buys and sells trade with each other
-up to the smaller of the two volumes; what is left (a node's export or
-import) then trades across nodes. Within each part, buys and sells are
-paired by a north-west-corner walk in book order: the first buy takes from
-the first sell until one of them is filled, and so on.
+Accepted buys and accepted sells are paired by a north-west-corner walk in
+book order: the first buy takes from the first sell until one of them is
+filled, then the next, and so on, regardless of node. A buyer pays its node's
+price and a seller receives its node's price, so a trade between nodes that
+a binding line separates carries congestion rent.
 
 Each trade fills at least one order's remaining energy and the last trade
 fills two, so there are at most (accepted buys + accepted sells - 1) trades.
@@ -33,76 +33,40 @@ class Trades:
         return len(self.energy_wh)
 
 
-def decompose(
-    accepted_wh: IntArray, is_buy: BoolArray, node_index: npt.NDArray[np.integer], node_count: int
-) -> Trades:
-    """Trades covering every order's accepted energy exactly (orders given in book order)."""
+def decompose(accepted_wh: IntArray, is_buy: BoolArray) -> Trades:
+    """Trades covering every order's accepted energy exactly (orders given in book order).
+
+    Accepted buys and sells must balance.
+    """
     traded = accepted_wh > 0
-    buys = np.flatnonzero(traded & is_buy)
-    sells = np.flatnonzero(traded & ~is_buy)
+    buying = traded & is_buy
+    buys = np.flatnonzero(buying)
+    sells = np.flatnonzero(traded ^ buying)
     if not len(buys) or not len(sells):
         empty = np.zeros(0, dtype=np.int64)
         return Trades(empty, empty, empty)
-    if node_count > 1:
-        buy_rows, buy_energy = _local_first(buys, accepted_wh, node_index, node_count, sells)
-        sell_rows, sell_energy = _local_first(sells, accepted_wh, node_index, node_count, buys)
-    else:
-        buy_rows, buy_energy = buys, accepted_wh[buys]
-        sell_rows, sell_energy = sells, accepted_wh[sells]
-    return _walk(buy_rows, buy_energy, sell_rows, sell_energy)
-
-
-def _local_first(
-    rows: IntArray,
-    accepted_wh: IntArray,
-    node_index: npt.NDArray[np.integer],
-    node_count: int,
-    other_rows: IntArray,
-) -> tuple[IntArray, IntArray]:
-    """This side's orders as pieces: first each node's part traded locally (node by node), then the rest.
-
-    The local part of a node is the smaller of its buy and sell volumes; it
-    is taken from the node's orders in book order.
-    """
-    key_type = np.uint8 if node_count <= 256 else np.uint16 if node_count <= 65536 else np.int64
-    node = node_index[rows]
-    by_node = np.argsort(node.astype(key_type), kind="stable")
-    rows = rows[by_node]
-    node = node[by_node]
-    energy = accepted_wh[rows]
-    own_total = np.bincount(node, weights=energy, minlength=node_count).astype(np.int64)
-    other_node = node_index[other_rows]
-    other_total = np.bincount(other_node, weights=accepted_wh[other_rows], minlength=node_count).astype(
-        np.int64
-    )
-    local_total = np.minimum(own_total, other_total)
-    node_start = np.cumsum(own_total) - own_total
-    end_in_node = np.cumsum(energy) - node_start[node]
-    start_in_node = end_in_node - energy
-    local = np.clip(local_total[node] - start_in_node, 0, energy)
-    rest = energy - local
-    has_local = local > 0
-    has_rest = rest > 0
-    return (
-        np.concatenate((rows[has_local], rows[has_rest])),
-        np.concatenate((local[has_local], rest[has_rest])),
-    )
-
-
-def _walk(buy_rows: IntArray, buy_energy: IntArray, sell_rows: IntArray, sell_energy: IntArray) -> Trades:
-    buy_ends = np.cumsum(buy_energy)
-    sell_ends = np.cumsum(sell_energy)
-    # Merge both sides' cuts with the side in the lowest bit (buys first on equal energy).
-    cuts = np.sort(np.concatenate((buy_ends * 2, sell_ends * 2 + 1)))
-    position = cuts >> 1
-    is_sell_cut = (cuts & 1).astype(bool)
-    length = np.diff(position, prepend=0)
-    # A piece is traded by the buy and the sell whose cuts have not yet passed.
-    buys_before = np.cumsum(~is_sell_cut) - ~is_sell_cut
-    sells_before = np.cumsum(is_sell_cut) - is_sell_cut
-    keep = length > 0
-    return Trades(
-        buy_rows[buys_before[keep]],
-        sell_rows[sells_before[keep]],
-        length[keep],
-    )
+    buy_ends = np.cumsum(accepted_wh[buys])
+    sell_ends = np.cumsum(accepted_wh[sells])
+    if buy_ends[-1] != sell_ends[-1]:
+        raise ValueError(f"buys ({int(buy_ends[-1])} Wh) and sells ({int(sell_ends[-1])} Wh) do not balance")
+    # Merge both sides' cuts, with the side in the lowest bit (a buy's cut
+    # sorts before a sell's at the same energy). Two sorted runs: the stable
+    # sort merges them in linear time.
+    cuts = np.empty(len(buys) + len(sells), dtype=np.int64)
+    np.left_shift(buy_ends, 1, out=cuts[: len(buys)])
+    np.left_shift(sell_ends, 1, out=cuts[len(buys) :])
+    cuts[len(buys) :] |= 1
+    cuts.sort(kind="stable")
+    is_sell_cut = cuts & 1
+    cuts >>= 1
+    length = np.empty_like(cuts)
+    length[0] = cuts[0]
+    np.subtract(cuts[1:], cuts[:-1], out=length[1:])
+    # A piece belongs to the buy and the sell whose cuts it has not passed yet:
+    # the sells cut before it, and the buys cut before it (all cuts before it
+    # minus the sells').
+    sells_before = np.cumsum(is_sell_cut)
+    sells_before -= is_sell_cut
+    pieces = np.flatnonzero(length)
+    sellers = sells_before[pieces]
+    return Trades(buys[pieces - sellers], sells[sellers], length[pieces])
