@@ -13,7 +13,8 @@ Per database one JSON line:
   driver's own bulk path (sqlite3 `executemany`, psycopg `COPY`), for a
   harder comparison.
 - `verify_s_per_million`: seconds `p2pgrid ledger verify` needs per million
-  transfers, measured on the settled ledger.
+  transfers (its verification, with its default number of worker processes),
+  measured on the settled ledger.
 
 Each measurement is the best of `--rounds` runs, alternating real and baseline.
 """
@@ -34,7 +35,7 @@ from typing import Any
 from nacl.signing import SigningKey
 from sqlalchemy import Engine
 
-from services.domain.intervals import Clock
+from services.domain.intervals import Clock, SimulatedClock
 from services.ledger.adapters.sql import (
     CHAIN_COLUMNS,
     TRANSFER_COLUMNS,
@@ -43,6 +44,7 @@ from services.ledger.adapters.sql import (
     migrate_ledger,
     transfers_table,
 )
+from services.ledger.cli import default_verify_workers
 from services.ledger.domain.settlement import SettlementInputs, SettlementRules
 from services.ledger.synthetic import synthetic_day
 from services.platform.db import drop_schema, make_engine, unique_schema_name
@@ -50,19 +52,6 @@ from services.platform.db import drop_schema, make_engine, unique_schema_name
 DEFAULT_BENCH_POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 
 Batch = tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]
-
-
-class _FixedClock:
-    """Settlement checks the metering deadline; the synthetic day lies in the past of this clock."""
-
-    def __init__(self, now_s: float) -> None:
-        self._now_s = now_s
-
-    def now_s(self) -> float:
-        return self._now_s
-
-    async def sleep_until(self, t_s: float) -> None:
-        return None
 
 
 @contextmanager
@@ -182,7 +171,7 @@ def bench_database(
     day = synthetic_day(participants=participants, intervals=intervals)
     inputs = [SettlementInputs.from_json(r) for r in day.recorded]
     rules = SettlementRules.from_mapping(day.rules)
-    clock = _FixedClock(time.time())
+    clock = SimulatedClock(start_s=time.time())  # the synthetic day lies in the past
     best_real = best_core = best_driver = float("inf")
     written = 0
     verify_s = float("inf")
@@ -194,7 +183,7 @@ def bench_database(
                 best_real = min(best_real, elapsed)
                 progress(f"{database} round {round_ + 1}: settled {written} transfers in {elapsed:.2f} s")
                 start = time.perf_counter()
-                report = store.verify()
+                report = store.verify(workers=default_verify_workers())
                 verify_s = min(verify_s, time.perf_counter() - start)
                 if report.transfers != written:
                     raise RuntimeError(f"verify saw {report.transfers} transfers, settlement wrote {written}")

@@ -13,6 +13,10 @@ from typing import Any
 DEFAULT_DATABASE_URL = "sqlite:///var/ledger.db"
 
 
+def default_verify_workers() -> int:
+    return max(1, min(4, os.cpu_count() or 1))
+
+
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     ledger = subparsers.add_parser("ledger", help="verify the settlement ledger and its receipts")
     ledger.set_defaults(func=lambda _args: _help(ledger))
@@ -36,6 +40,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         default=None,
         help="the ledger's public key (hex, base64 or a file); without it, signatures are checked "
         "against the keys stored with the checkpoints",
+    )
+    verify.add_argument(
+        "--workers",
+        type=int,
+        default=default_verify_workers(),
+        help="processes that hash ranges of the chain in parallel (default: the CPUs, at most 4)",
     )
     verify.add_argument("--quiet", action="store_true", help="no progress on stderr")
     verify.set_defaults(func=_verify)
@@ -107,7 +117,7 @@ def _verify(args: argparse.Namespace) -> int:
     store = LedgerStore(engine)
     started = time.monotonic()
     try:
-        report = store.verify(trusted_public_key=trusted, progress=progress)
+        report = store.verify(trusted_public_key=trusted, progress=progress, workers=max(1, args.workers))
     except VerificationError as exc:
         if not args.quiet:
             print(file=sys.stderr)

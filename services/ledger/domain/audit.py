@@ -1,20 +1,23 @@
 """Verification of a whole ledger from its stored rows: chain, Merkle tree, checkpoints and balances.
 
-`LedgerAuditor` is fed the stored rows in sequence order and recomputes
-everything the ledger guarantees; the first difference raises
-`VerificationError` with a message that names the row and the check. What it
-checks, in this order:
+What is checked, in this order (the first failure raises `VerificationError`
+naming the row and the check):
 
 1. Checkpoints: each signature (with the trusted key when one is given),
    their `previous` chain, increasing sizes, one origin, time never going back.
 2. For every transfer n = 1, 2, …: the transfer and chain rows both exist
-   (none deleted or reordered), the entry hash of the re-encoded transfer,
-   the chained hash, and at every checkpoint the Merkle root, the chain head
-   and the stored frontier; every stored Merkle node equals the recomputed one.
-3. At the end: the last checkpoint covers the whole chain, no stored node or
-   checkpoint is left unexplained, every account's stored totals equal the
-   sums of its transfers, balances sum to zero, and every settled interval's
-   record agrees with the chain.
+   (none deleted or moved), the chain row names the same transfer, the entry
+   hash of the re-encoded transfer, the chained hash, and at every checkpoint
+   the chain head, the Merkle root and the stored frontier.
+3. At the end: the last checkpoint covers the whole chain, every stored Merkle
+   node equals the recomputed one and none is left over, every account's
+   totals equal the sums of its transfers, balances sum to zero, and every
+   settlement record agrees with the chain.
+
+Step 2 is split into ranges of the chain (`RangeAuditor`) that can run in
+separate processes: each range hashes its own part of the Merkle tree as a
+compact range, and `LedgerAuditor.finish` joins the parts, so the roots are
+the same as if one process had hashed everything.
 """
 
 from __future__ import annotations
@@ -22,16 +25,11 @@ from __future__ import annotations
 import hashlib
 from array import array
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from services.ledger.domain.chain import GENESIS_HASH, parse_entry
-from services.ledger.domain.checkpoint import (
-    NO_PREVIOUS,
-    Checkpoint,
-    CheckpointError,
-    verify_checkpoint,
-)
+from services.ledger.domain.checkpoint import NO_PREVIOUS, Checkpoint, CheckpointError, verify_checkpoint
 from services.ledger.domain.ledger import (
     AccountError,
     LedgerError,
@@ -39,7 +37,7 @@ from services.ledger.domain.ledger import (
     account_kind,
     transfer_problem,
 )
-from services.ledger.domain.merkle import MerkleFrontier
+from services.ledger.domain.merkle import CompactRange
 
 
 class VerificationError(LedgerError):
@@ -57,7 +55,176 @@ class AuditReport:
     """The public keys the checkpoints are signed with (one, unless the key was rotated)."""
 
 
+@dataclass(slots=True)
+class RangeResult:
+    """What one range of the chain, seqs (begin, end], contributes to the verification."""
+
+    begin: int
+    end: int
+    """The last seq verified; less than planned if the range failed."""
+    failure: tuple[int, str] | None
+    pieces_at: dict[int, list[tuple[int, int, bytes]]]
+    """For each checkpoint size in the range: the compact range (begin, size]."""
+    pieces: list[tuple[int, int, bytes]]
+    completed: list[tuple[int, int, bytes]]
+    """Perfect subtrees of the stored levels completed inside the range."""
+    debits: dict[str, int] = field(default_factory=dict)
+    credits: dict[str, int] = field(default_factory=dict)
+    intervals: bytes = b""
+    """interval_start_s of each transfer of the range, as array('q') bytes."""
+
+
+Row = Sequence[Any]
+"""(transfers.seq, chain.seq, debit_account, credit_account, amount_nano, interval_start_s,
+canonical entry text, chain.transfer_id = transfers.transfer_id, entry_hash, chained_hash)"""
+
+
+class RangeAuditor:
+    """Re-hashes the transfers with seqs (begin, end], fed in order, starting from the stored chained hash of `begin`."""
+
+    def __init__(
+        self,
+        begin: int,
+        end: int,
+        start_head: bytes,
+        heads_at: Mapping[int, bytes],
+        node_min_level: int,
+    ) -> None:
+        self.begin = begin
+        self.end = end
+        self._seq = begin
+        self._head = start_head
+        self._heads_at = {s: h for s, h in heads_at.items() if begin < s <= end}
+        self._node_min_level = node_min_level
+        self._range = CompactRange(begin)
+        self._pieces_at: dict[int, list[tuple[int, int, bytes]]] = {}
+        self._completed: list[tuple[int, int, bytes]] = []
+        self._debits: dict[str, int] = {}
+        self._credits: dict[str, int] = {}
+        self._intervals = array("q")
+        self._failure: tuple[int, str] | None = None
+
+    @property
+    def verified(self) -> int:
+        return self._seq
+
+    @property
+    def failed(self) -> bool:
+        return self._failure is not None
+
+    def feed(self, rows: Sequence[Row]) -> None:
+        """Verify the next rows; after a failure the range stops and later rows are ignored."""
+        if self._failure is not None:
+            return
+        try:
+            self._feed(rows)
+        except VerificationError as e:
+            self._failure = (self._seq + 1, str(e))
+
+    def _feed(self, rows: Sequence[Row]) -> None:
+        sha = hashlib.sha256
+        seq = self._seq
+        head = self._head
+        debits = self._debits
+        credits = self._credits
+        intervals = self._intervals
+        heads_at = self._heads_at
+        leaves: list[bytes] = []
+        leaf = leaves.append
+        try:
+            for r in rows:
+                seq += 1
+                if r[0] != seq:
+                    raise VerificationError(
+                        f"transfers: no row for seq {seq} (next is {r[0]}): a transfer was deleted or moved"
+                    )
+                if r[1] != seq:
+                    raise VerificationError(f"chain: no row for seq {seq}: a chain row was deleted or moved")
+                if not r[7]:
+                    raise VerificationError(
+                        f"seq {seq}: the chain row names another transfer id than the transfers row: one was changed"
+                    )
+                entry = r[6]
+                try:
+                    h = sha(b"\x00" + entry.encode("ascii")).digest()
+                except (AttributeError, UnicodeEncodeError):
+                    raise VerificationError(
+                        f"transfer seq {seq}: a field is empty or holds non-ASCII characters"
+                    ) from None
+                if h != r[8]:
+                    _explain_entry_mismatch(seq, entry)
+                head = sha(head + h).digest()
+                if head != r[9]:
+                    raise VerificationError(
+                        f"chain seq {seq}: chained hash does not follow from the previous one and the entry hash"
+                    )
+                signed_head = heads_at.get(seq)
+                if signed_head is not None and signed_head != head:
+                    raise VerificationError(
+                        f"checkpoint of size {seq}: the chain head differs from the signed one"
+                    )
+                leaf(h)
+                amount = r[4]
+                if type(amount) is not int or type(r[5]) is not int:
+                    raise VerificationError(
+                        f"transfer seq {seq}: amount_nano or interval_start_s is not an integer"
+                    )
+                debits[r[2]] = debits.get(r[2], 0) + amount
+                credits[r[3]] = credits.get(r[3], 0) + amount
+                intervals.append(r[5])
+                if seq == self.end:
+                    break
+        finally:
+            # Whatever verified before a failure still counts for the Merkle tree and checkpoints.
+            self._append_leaves(leaves)
+        self._seq = seq
+        self._head = head
+
+    def _append_leaves(self, leaves: list[bytes]) -> None:
+        before = self._range.end
+        done = 0
+        for size in sorted(s for s in self._heads_at if before < s <= before + len(leaves)):
+            offset = size - before
+            self._range.extend(leaves[done:offset], self._node_min_level, self._completed)
+            self._pieces_at[size] = self._range.pieces()
+            done = offset
+        self._range.extend(leaves[done:], self._node_min_level, self._completed)
+
+    def result(self) -> RangeResult:
+        if self._failure is None and self._seq != self.end:
+            self._failure = (
+                self._seq + 1,
+                f"transfers: no row for seq {self._seq + 1}: transfers were deleted or the chain is shorter",
+            )
+        return RangeResult(
+            begin=self.begin,
+            end=self._range.end,
+            failure=self._failure,
+            pieces_at=self._pieces_at,
+            pieces=self._range.pieces(),
+            completed=self._completed,
+            debits=self._debits,
+            credits=self._credits,
+            intervals=self._intervals.tobytes(),
+        )
+
+
+def _explain_entry_mismatch(seq: int, entry: str) -> None:
+    problem: str | None
+    try:
+        problem = transfer_problem(parse_entry(entry))
+    except TransferError as exc:
+        problem = str(exc)
+    detail = f" ({problem})" if problem else ""
+    raise VerificationError(
+        f"transfer seq {seq}: its entry hash does not match the chain{detail}: "
+        "the transfer or its chain row was changed"
+    )
+
+
 class LedgerAuditor:
+    """Checks the checkpoints up front, plans the ranges, and joins the ranges' results."""
+
     def __init__(
         self,
         checkpoints: Sequence[tuple[Checkpoint, bytes]],
@@ -67,21 +234,14 @@ class LedgerAuditor:
     ) -> None:
         """`checkpoints`: (checkpoint, stored frontier) in increasing size; `stored_nodes`: (level, index) → hash."""
         self._checkpoints = list(checkpoints)
-        self._check_checkpoints(trusted_public_key)
-        self._next_checkpoint = 0
         self._nodes = dict(stored_nodes)
         self._node_min_level = node_min_level
-        self._seq = 0
-        self._head = GENESIS_HASH
-        self._frontier = MerkleFrontier()
-        self._debits: dict[str, int] = {}
-        self._credits: dict[str, int] = {}
-        self._intervals = array("q")
-        self._heads_at = {c.tree_size: c.chain_head for c, _f in self._checkpoints}
+        self._check_checkpoints(trusted_public_key)
+        self.heads_at = {c.tree_size: c.chain_head for c, _f in self._checkpoints}
 
     @property
-    def verified_transfers(self) -> int:
-        return self._seq
+    def node_min_level(self) -> int:
+        return self._node_min_level
 
     def _check_checkpoints(self, trusted: bytes | None) -> None:
         previous_hash = NO_PREVIOUS
@@ -114,213 +274,157 @@ class LedgerAuditor:
             previous_hash = checkpoint.checkpoint_hash()
             previous = checkpoint
 
-    def feed(self, rows: Sequence[Sequence[Any]]) -> None:
-        """Verify the next rows, in sequence order, starting right after the last fed seq.
+    def plan(self, total: int, parts: int, min_range: int = 50_000) -> list[tuple[int, int]]:
+        """Split seqs (0, total] into up to `parts` ranges of about equal length, none shorter than `min_range`."""
+        parts = max(1, min(parts, total // max(1, min_range) or 1))
+        bounds = [total * i // parts for i in range(parts + 1)]
+        return [(bounds[i], bounds[i + 1]) for i in range(parts)]
 
-        A row joins a transfer with the chain row of the same seq:
-        (transfers.seq, chain.seq, debit_account, credit_account, amount_nano,
-        interval_start_s, entry, chain.transfer_id = transfers.transfer_id,
-        entry_hash, chained_hash), where `entry` is the canonical encoding of
-        the stored fields, built by the database so that a row costs few
-        Python objects. Whatever builds it, a stored field that differs from
-        what was hashed gives a different entry.
-        """
-        sha = hashlib.sha256
-        seq = self._seq
-        head = self._head
-        debits = self._debits
-        credits = self._credits
-        intervals = self._intervals
-        heads_at = self._heads_at
-        leaves: list[bytes] = []
-        leaf = leaves.append
-        for r in rows:
-            seq += 1
-            if r[0] != seq:
-                raise VerificationError(
-                    f"transfers: no row for seq {seq} (next is {r[0]}): a transfer was deleted or moved"
-                )
-            if r[1] != seq:
-                raise VerificationError(f"chain: no row for seq {seq}: a chain row was deleted or moved")
-            if not r[7]:
-                raise VerificationError(
-                    f"seq {seq}: the chain row names another transfer id than the transfers row: one was changed"
-                )
-            entry = r[6]
-            try:
-                h = sha(b"\x00" + entry.encode("ascii")).digest()
-            except (AttributeError, UnicodeEncodeError):
-                raise VerificationError(
-                    f"transfer seq {seq}: a field is empty or holds non-ASCII characters"
-                ) from None
-            if h != r[8]:
-                self._explain_entry_mismatch(seq, entry)
-            head = sha(head + h).digest()
-            if head != r[9]:
-                raise VerificationError(
-                    f"chain seq {seq}: chained hash does not follow from the previous one and the entry hash"
-                )
-            signed_head = heads_at.get(seq)
-            if signed_head is not None and signed_head != head:
-                raise VerificationError(
-                    f"checkpoint of size {seq}: the chain head differs from the signed one"
-                )
-            leaf(h)
-            amount = r[4]
-            if type(amount) is not int or type(r[5]) is not int:
-                raise VerificationError(
-                    f"transfer seq {seq}: amount_nano or interval_start_s is not an integer"
-                )
-            debits[r[2]] = debits.get(r[2], 0) + amount
-            credits[r[3]] = credits.get(r[3], 0) + amount
-            intervals.append(r[5])
-        self._append_leaves(self._seq, leaves)
-        self._seq = seq
-        self._head = head
-
-    def _explain_entry_mismatch(self, seq: int, entry: str) -> None:
-        problem: str | None
-        try:
-            transfer = parse_entry(entry)
-            problem = transfer_problem(transfer)
-        except TransferError as exc:
-            problem = str(exc)
-        detail = f" ({problem})" if problem else ""
-        raise VerificationError(
-            f"transfer seq {seq}: its entry hash does not match the chain{detail}: "
-            "the transfer or its chain row was changed"
+    def range_auditor(self, begin: int, end: int, start_head: bytes | None) -> RangeAuditor:
+        """An auditor for seqs (begin, end]; `start_head` is the stored chained hash of `begin` (None if absent)."""
+        auditor = RangeAuditor(
+            begin,
+            end,
+            GENESIS_HASH if begin == 0 else (start_head or b""),
+            self.heads_at,
+            self._node_min_level,
         )
-
-    def _append_leaves(self, first_seq_before: int, leaves: list[bytes]) -> None:
-        done = 0
-        total = len(leaves)
-        while done < total:
-            end = total
-            checkpoint: Checkpoint | None = None
-            frontier_bytes = b""
-            if self._next_checkpoint < len(self._checkpoints):
-                checkpoint, frontier_bytes = self._checkpoints[self._next_checkpoint]
-                offset = checkpoint.tree_size - first_seq_before
-                if offset <= total:
-                    end = offset
-                else:
-                    checkpoint = None
-            completed: list[tuple[int, int, bytes]] = []
-            self._frontier.extend(leaves[done:end], self._node_min_level, completed)
-            nodes = self._nodes
-            for level, index, h in completed:
-                stored = nodes.pop((level, index), None)
-                if stored is None:
-                    raise VerificationError(f"merkle_nodes: node (level {level}, index {index}) is missing")
-                if stored != h:
-                    raise VerificationError(f"merkle_nodes: node (level {level}, index {index}) was changed")
-            if checkpoint is not None:
-                self._check_at_checkpoint(checkpoint, frontier_bytes)
-                self._next_checkpoint += 1
-            done = end
-
-    def _check_at_checkpoint(self, checkpoint: Checkpoint, frontier_bytes: bytes) -> None:
-        size = checkpoint.tree_size
-        if self._frontier.root() != checkpoint.root_hash:
-            raise VerificationError(
-                f"checkpoint of size {size}: the Merkle root of the stored transfers differs from the signed "
-                "root: a covered transfer was changed, removed or reordered"
-            )
-        if self._frontier.to_bytes() != frontier_bytes:
-            raise VerificationError(f"checkpoint of size {size}: the stored frontier was changed")
+        if begin and start_head is None:
+            auditor._failure = (begin, f"chain: no row for seq {begin}: a chain row was deleted or moved")
+        return auditor
 
     def finish(
         self,
+        results: Sequence[RangeResult],
         chain_rows: int,
         accounts: Iterable[tuple[str, str, int, int]],
         settled: Iterable[tuple[str, int, int, int, int, int]],
     ) -> AuditReport:
-        """Final checks; `accounts` rows are (id, kind, debits, credits), `settled` rows
-        (market_id, interval_start_s, revision, first_seq, transfer_count, tree_size)."""
-        size = self._seq
+        """Join the ranges (in order) and run the final checks; `accounts` rows are (id, kind, debits,
+        credits), `settled` rows (market_id, interval_start_s, revision, first_seq, transfer_count, tree_size)."""
+        whole = CompactRange(0)
+        completed: list[tuple[int, int, bytes]] = []
+        frontiers = {c.tree_size: (c, f) for c, f in self._checkpoints}
+        for result in results:
+            for size in sorted(result.pieces_at):
+                checkpoint, frontier_bytes = frontiers[size]
+                at = whole.copy()
+                for piece in result.pieces_at[size]:
+                    at.append_piece(*piece, 64, [])
+                if at.root() != checkpoint.root_hash:
+                    raise VerificationError(
+                        f"checkpoint of size {size}: the Merkle root of the stored transfers differs from the signed "
+                        "root: a covered transfer was changed, removed or reordered"
+                    )
+                if at.to_bytes() != frontier_bytes:
+                    raise VerificationError(f"checkpoint of size {size}: the stored frontier was changed")
+            if result.failure is not None:
+                raise VerificationError(result.failure[1])
+            completed.extend(result.completed)
+            for piece in result.pieces:
+                whole.append_piece(*piece, self._node_min_level, completed)
+        size = whole.end
         if chain_rows != size:
             raise VerificationError(
                 f"chain: {chain_rows} rows for {size} transfers: transfers were deleted or chain rows added"
             )
-        if self._next_checkpoint < len(self._checkpoints):
-            orphan = self._checkpoints[self._next_checkpoint][0]
+        last = self._checkpoints[-1][0] if self._checkpoints else None
+        if last is not None and last.tree_size > size:
             raise VerificationError(
-                f"checkpoint of size {orphan.tree_size} covers more transfers than the {size} stored: "
+                f"checkpoint of size {last.tree_size} covers more transfers than the {size} stored: "
                 "transfers were deleted"
             )
-        last = self._checkpoints[-1][0] if self._checkpoints else None
         covered = last.tree_size if last else 0
         if covered != size:
             raise VerificationError(
                 f"{size - covered} transfer(s) after the last checkpoint (size {covered}): "
                 "every batch ends with a checkpoint, so a checkpoint was deleted or transfers were added"
             )
-        if self._nodes:
-            (level, index), _h = min(self._nodes.items())
+        nodes = dict(self._nodes)
+        for level, index, h in sorted(completed):
+            stored = nodes.pop((level, index), None)
+            if stored is None:
+                raise VerificationError(f"merkle_nodes: node (level {level}, index {index}) is missing")
+            if stored != h:
+                raise VerificationError(f"merkle_nodes: node (level {level}, index {index}) was changed")
+        if nodes:
+            (level, index), _h = min(nodes.items())
             raise VerificationError(
                 f"merkle_nodes: node (level {level}, index {index}) does not belong to the tree of {size} transfers"
             )
-        account_count = self._check_accounts(accounts)
-        settled_count = self._check_settled(settled)
+        debits: dict[str, int] = {}
+        credits: dict[str, int] = {}
+        intervals = array("q")
+        for result in results:
+            for account, amount in result.debits.items():
+                debits[account] = debits.get(account, 0) + amount
+            for account, amount in result.credits.items():
+                credits[account] = credits.get(account, 0) + amount
+            intervals.frombytes(result.intervals)
+        account_count = _check_accounts(accounts, debits, credits)
+        settled_count = _check_settled(settled, {c.tree_size for c, _f in self._checkpoints}, intervals, size)
         return AuditReport(
             transfers=size,
             checkpoints=len(self._checkpoints),
             accounts=account_count,
             settled_intervals=settled_count,
-            root_hash=self._frontier.root(),
+            root_hash=whole.root(),
             signed_by=tuple(dict.fromkeys(c.public_key for c, _f in self._checkpoints)),
         )
 
-    def _check_accounts(self, accounts: Iterable[tuple[str, str, int, int]]) -> int:
-        expected = set(self._debits) | set(self._credits)
-        seen: set[str] = set()
-        debit_sum = 0
-        credit_sum = 0
-        for account, kind, debits, credits in accounts:
-            try:
-                real_kind = account_kind(account)
-            except AccountError as exc:
-                raise VerificationError(f"accounts: {exc}") from None
-            if kind != real_kind.value:
-                raise VerificationError(
-                    f"accounts: {account!r} has kind {kind!r}, its id says {real_kind.value!r}"
-                )
-            want_debits = self._debits.get(account, 0)
-            want_credits = self._credits.get(account, 0)
-            if debits != want_debits or credits != want_credits:
-                raise VerificationError(
-                    f"accounts: {account!r} has debits {debits} / credits {credits} nano, "
-                    f"its transfers sum to {want_debits} / {want_credits}"
-                )
-            seen.add(account)
-            debit_sum += debits
-            credit_sum += credits
-        missing = expected - seen
-        if missing:
-            raise VerificationError(f"accounts: {min(missing)!r} is used by transfers but has no account row")
-        if debit_sum != credit_sum:
-            raise VerificationError(f"accounts: balances sum to {credit_sum - debit_sum} nano, not zero")
-        return len(seen)
 
-    def _check_settled(self, settled: Iterable[tuple[str, int, int, int, int, int]]) -> int:
-        sizes = {c.tree_size for c, _f in self._checkpoints}
-        revisions: dict[tuple[str, int], int] = {}
-        count = 0
-        for market_id, interval_start_s, revision, first_seq, transfer_count, tree_size in sorted(settled):
-            where = f"settled_intervals: {market_id} {interval_start_s} revision {revision}"
-            expected_revision = revisions.get((market_id, interval_start_s), -1) + 1
-            if revision != expected_revision:
-                raise VerificationError(f"{where}: expected revision {expected_revision}")
-            revisions[(market_id, interval_start_s)] = revision
-            if transfer_count:
-                if first_seq + transfer_count - 1 != tree_size or tree_size not in sizes:
-                    raise VerificationError(f"{where}: its transfers do not end at a checkpoint")
-                wrong = [
-                    s for s in range(first_seq, tree_size + 1) if self._intervals[s - 1] != interval_start_s
-                ]
-                if wrong:
-                    raise VerificationError(f"{where}: transfer seq {wrong[0]} belongs to another interval")
-            elif tree_size > self._seq:
-                raise VerificationError(f"{where}: refers to size {tree_size} beyond the chain")
-            count += 1
-        return count
+def _check_accounts(
+    accounts: Iterable[tuple[str, str, int, int]], debits: Mapping[str, int], credits: Mapping[str, int]
+) -> int:
+    expected = set(debits) | set(credits)
+    seen: set[str] = set()
+    debit_sum = 0
+    credit_sum = 0
+    for account, kind, account_debits, account_credits in accounts:
+        try:
+            real_kind = account_kind(account)
+        except AccountError as exc:
+            raise VerificationError(f"accounts: {exc}") from None
+        if kind != real_kind.value:
+            raise VerificationError(
+                f"accounts: {account!r} has kind {kind!r}, its id says {real_kind.value!r}"
+            )
+        want_debits = debits.get(account, 0)
+        want_credits = credits.get(account, 0)
+        if account_debits != want_debits or account_credits != want_credits:
+            raise VerificationError(
+                f"accounts: {account!r} has debits {account_debits} / credits {account_credits} nano, "
+                f"its transfers sum to {want_debits} / {want_credits}"
+            )
+        seen.add(account)
+        debit_sum += account_debits
+        credit_sum += account_credits
+    missing = expected - seen
+    if missing:
+        raise VerificationError(f"accounts: {min(missing)!r} is used by transfers but has no account row")
+    if debit_sum != credit_sum:
+        raise VerificationError(f"accounts: balances sum to {credit_sum - debit_sum} nano, not zero")
+    return len(seen)
+
+
+def _check_settled(
+    settled: Iterable[tuple[str, int, int, int, int, int]], sizes: set[int], intervals: array[int], size: int
+) -> int:
+    revisions: dict[tuple[str, int], int] = {}
+    count = 0
+    for market_id, interval_start_s, revision, first_seq, transfer_count, tree_size in sorted(settled):
+        where = f"settled_intervals: {market_id} {interval_start_s} revision {revision}"
+        expected_revision = revisions.get((market_id, interval_start_s), -1) + 1
+        if revision != expected_revision:
+            raise VerificationError(f"{where}: expected revision {expected_revision}")
+        revisions[(market_id, interval_start_s)] = revision
+        if transfer_count:
+            if first_seq < 1 or first_seq + transfer_count - 1 != tree_size or tree_size not in sizes:
+                raise VerificationError(f"{where}: its transfers do not end at a checkpoint")
+            wrong = [s for s in range(first_seq, tree_size + 1) if intervals[s - 1] != interval_start_s]
+            if wrong:
+                raise VerificationError(f"{where}: transfer seq {wrong[0]} belongs to another interval")
+        elif tree_size > size:
+            raise VerificationError(f"{where}: refers to size {tree_size} beyond the chain")
+        count += 1
+    return count

@@ -131,6 +131,97 @@ class MerkleFrontier:
         return cls(size, [data[i : i + HASH_SIZE] for i in range(0, len(data), HASH_SIZE)])
 
 
+class CompactRange:
+    """The maximal aligned perfect subtrees (level, index, hash) covering leaves [begin, end).
+
+    Ranges that meet can be joined (`append_piece`), so a tree can be hashed
+    in parts, one per process, and put together; for begin = 0 the pieces are
+    exactly a `MerkleFrontier`'s hashes, and `root()` is the tree's root.
+    """
+
+    __slots__ = ("begin", "end", "hashes", "levels")
+
+    def __init__(self, begin: int = 0) -> None:
+        self.begin = begin
+        self.end = begin
+        self.levels: list[int] = []
+        self.hashes: list[bytes] = []
+
+    def copy(self) -> CompactRange:
+        other = CompactRange(self.begin)
+        other.end = self.end
+        other.levels = list(self.levels)
+        other.hashes = list(self.hashes)
+        return other
+
+    def pieces(self) -> list[tuple[int, int, bytes]]:
+        out = []
+        position = self.end
+        for level, h in zip(reversed(self.levels), reversed(self.hashes), strict=True):
+            position -= 1 << level
+            out.append((level, position >> level, h))
+        out.reverse()
+        return out
+
+    def extend(
+        self, leaves: Sequence[bytes], min_level: int, completed: list[tuple[int, int, bytes]]
+    ) -> None:
+        """Append leaf hashes; perfect subtrees of level ≥ min_level they complete go to `completed`."""
+        end = self.end
+        levels = self.levels
+        hashes = self.hashes
+        sha = _sha256
+        for h in leaves:
+            index = end
+            level = 0
+            while index & 1 and levels and levels[-1] == level:
+                h = sha(b"\x01" + hashes.pop() + h).digest()
+                levels.pop()
+                level += 1
+                index >>= 1
+                if level >= min_level:
+                    completed.append((level, index, h))
+            hashes.append(h)
+            levels.append(level)
+            end += 1
+        self.end = end
+
+    def append_piece(
+        self, level: int, index: int, h: bytes, min_level: int, completed: list[tuple[int, int, bytes]]
+    ) -> None:
+        """Append the perfect subtree (level, index), which must start where this range ends."""
+        if index << level != self.end:
+            raise ValueError(
+                f"subtree ({level}, {index}) does not start at the end of the range ({self.end})"
+            )
+        self.end += 1 << level
+        levels = self.levels
+        hashes = self.hashes
+        while index & 1 and levels and levels[-1] == level:
+            h = node_hash(hashes.pop(), h)
+            levels.pop()
+            level += 1
+            index >>= 1
+            if level >= min_level:
+                completed.append((level, index, h))
+        hashes.append(h)
+        levels.append(level)
+
+    def root(self) -> bytes:
+        if self.begin != 0:
+            raise ValueError("only a range that starts at leaf 0 has a root")
+        hashes = self.hashes
+        if not hashes:
+            return EMPTY_ROOT
+        r = hashes[-1]
+        for h in reversed(hashes[:-1]):
+            r = _sha256(b"\x01" + h + r).digest()
+        return r
+
+    def to_bytes(self) -> bytes:
+        return b"".join(self.hashes)
+
+
 PerfectSubtree = Callable[[int, int], bytes]
 """perfect(level, index): the root of the aligned perfect subtree; level 0 is a leaf hash."""
 

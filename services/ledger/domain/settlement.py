@@ -222,66 +222,108 @@ def validate_inputs(inputs: SettlementInputs) -> None:
         if not isinstance(node, str) or not _NODE_RE.fullmatch(node):
             raise SettlementInputError(f"clearing.node_prices: node {node!r} must match {NODE_PATTERN}")
         _check_int(price, f"clearing.node_prices[{node}]", -MAX_PRICE_MICRO_PER_KWH, MAX_PRICE_MICRO_PER_KWH)
-    valid_names: set[str] = set()
+    names: set[str] = set()
 
     def valid(name: object) -> bool:
-        if name in valid_names:
-            return True
         if isinstance(name, str) and _NAME_RE.fullmatch(name):
-            valid_names.add(name)
+            names.add(name)
             return True
         return False
 
+    # Each row is checked with one cheap condition; only a row that fails is examined again,
+    # to name the field and the rule it broke.
+    prices = c.node_prices_micro_per_kwh
     bought: dict[str, int] = {}
     sold: dict[str, int] = {}
     for i, t in enumerate(c.trades):
-        where = f"clearing.trades[{i}]"
-        for name in (t.buyer_id, t.seller_id):
-            if not valid(name):
-                raise SettlementInputError(
-                    f"{where}: participant id {name!r} must match {ACCOUNT_NAME_PATTERN}"
-                )
-        if t.buyer_id == t.seller_id:
-            raise SettlementInputError(f"{where}: buyer and seller are both {t.buyer_id!r}")
-        for node in (t.buyer_node, t.seller_node):
-            if node not in c.node_prices_micro_per_kwh:
-                raise SettlementInputError(f"{where}: node {node!r} has no price in clearing.node_prices")
-        _check_int(t.energy_wh, f"{where}.energy_wh", 1, MAX_ENERGY_WH)
-        bought[t.buyer_id] = bought.get(t.buyer_id, 0) + t.energy_wh
-        sold[t.seller_id] = sold.get(t.seller_id, 0) + t.energy_wh
+        buyer, seller, energy_wh = t.buyer_id, t.seller_id, t.energy_wh
+        if not (
+            type(buyer) is str
+            and (buyer in names or valid(buyer))
+            and type(seller) is str
+            and (seller in names or valid(seller))
+            and buyer != seller
+            and t.buyer_node in prices
+            and t.seller_node in prices
+            and type(energy_wh) is int
+            and 1 <= energy_wh <= MAX_ENERGY_WH
+        ):
+            _explain_trade(f"clearing.trades[{i}]", t, prices)
+        bought[buyer] = bought.get(buyer, 0) + energy_wh
+        sold[seller] = sold.get(seller, 0) + energy_wh
     seen: set[str] = set()
     for i, a in enumerate(c.accepted):
-        where = f"clearing.accepted[{i}]"
-        if not valid(a.participant_id):
-            raise SettlementInputError(
-                f"{where}: participant id {a.participant_id!r} must match {ACCOUNT_NAME_PATTERN}"
-            )
-        if a.participant_id in seen:
-            raise SettlementInputError(f"{where}: participant {a.participant_id!r} appears twice")
-        seen.add(a.participant_id)
-        _check_int(a.bought_wh, f"{where}.bought_wh", 0, MAX_ENERGY_WH)
-        _check_int(a.sold_wh, f"{where}.sold_wh", 0, MAX_ENERGY_WH)
-        if a.bought_wh != bought.get(a.participant_id, 0) or a.sold_wh != sold.get(a.participant_id, 0):
-            raise SettlementInputError(
-                f"{where}: participant {a.participant_id!r} accepted bought {a.bought_wh} / sold {a.sold_wh} Wh, "
-                f"but its trades sum to {bought.get(a.participant_id, 0)} / {sold.get(a.participant_id, 0)} Wh"
-            )
+        pid = a.participant_id
+        if not (
+            type(pid) is str
+            and (pid in names or valid(pid))
+            and pid not in seen
+            and type(a.bought_wh) is int
+            and type(a.sold_wh) is int
+            and a.bought_wh == bought.get(pid, 0)
+            and a.sold_wh == sold.get(pid, 0)
+        ):
+            _explain_accepted(f"clearing.accepted[{i}]", a, seen, bought, sold)
+        seen.add(pid)
     for name in (bought.keys() | sold.keys()) - seen:
         raise SettlementInputError(f"clearing.accepted: participant {name!r} has trades but no accepted row")
-    seen_meters: set[str] = set()
+    seen.clear()
+    measured, estimated = MeterQuality.MEASURED, MeterQuality.ESTIMATED
     for i, m in enumerate(inputs.meter_energy):
-        where = f"meter_energy[{i}]"
-        if not valid(m.participant_id):
-            raise SettlementInputError(
-                f"{where}: participant id {m.participant_id!r} must match {ACCOUNT_NAME_PATTERN}"
-            )
-        if m.participant_id in seen_meters:
-            raise SettlementInputError(f"{where}: participant {m.participant_id!r} appears twice")
-        seen_meters.add(m.participant_id)
-        _check_int(m.import_wh, f"{where}.import_wh", 0, MAX_ENERGY_WH)
-        _check_int(m.export_wh, f"{where}.export_wh", 0, MAX_ENERGY_WH)
-        if not isinstance(m.quality, MeterQuality) or m.quality is MeterQuality.MISSING:
-            raise SettlementInputError(f"{where}.quality must be measured or estimated, got {m.quality!r}")
+        pid, import_wh, export_wh = m.participant_id, m.import_wh, m.export_wh
+        if not (
+            type(pid) is str
+            and (pid in names or valid(pid))
+            and pid not in seen
+            and type(import_wh) is int
+            and type(export_wh) is int
+            and 0 <= import_wh <= MAX_ENERGY_WH
+            and 0 <= export_wh <= MAX_ENERGY_WH
+            and (m.quality is measured or m.quality is estimated)
+        ):
+            _explain_meter(f"meter_energy[{i}]", m, seen)
+        seen.add(pid)
+
+
+def _bad_name(where: str, name: object) -> SettlementInputError:
+    return SettlementInputError(f"{where}: participant id {name!r} must match {ACCOUNT_NAME_PATTERN}")
+
+
+def _explain_trade(where: str, t: Trade, prices: Mapping[str, int]) -> None:
+    for name in (t.buyer_id, t.seller_id):
+        if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+            raise _bad_name(where, name)
+    if t.buyer_id == t.seller_id:
+        raise SettlementInputError(f"{where}: buyer and seller are both {t.buyer_id!r}")
+    for node in (t.buyer_node, t.seller_node):
+        if node not in prices:
+            raise SettlementInputError(f"{where}: node {node!r} has no price in clearing.node_prices")
+    _check_int(t.energy_wh, f"{where}.energy_wh", 1, MAX_ENERGY_WH)
+
+
+def _explain_accepted(
+    where: str, a: AcceptedEnergy, seen: set[str], bought: Mapping[str, int], sold: Mapping[str, int]
+) -> None:
+    if not isinstance(a.participant_id, str) or not _NAME_RE.fullmatch(a.participant_id):
+        raise _bad_name(where, a.participant_id)
+    if a.participant_id in seen:
+        raise SettlementInputError(f"{where}: participant {a.participant_id!r} appears twice")
+    _check_int(a.bought_wh, f"{where}.bought_wh", 0, MAX_ENERGY_WH)
+    _check_int(a.sold_wh, f"{where}.sold_wh", 0, MAX_ENERGY_WH)
+    raise SettlementInputError(
+        f"{where}: participant {a.participant_id!r} accepted bought {a.bought_wh} / sold {a.sold_wh} Wh, "
+        f"but its trades sum to {bought.get(a.participant_id, 0)} / {sold.get(a.participant_id, 0)} Wh"
+    )
+
+
+def _explain_meter(where: str, m: MeterEnergy, seen: set[str]) -> None:
+    if not isinstance(m.participant_id, str) or not _NAME_RE.fullmatch(m.participant_id):
+        raise _bad_name(where, m.participant_id)
+    if m.participant_id in seen:
+        raise SettlementInputError(f"{where}: participant {m.participant_id!r} appears twice")
+    _check_int(m.import_wh, f"{where}.import_wh", 0, MAX_ENERGY_WH)
+    _check_int(m.export_wh, f"{where}.export_wh", 0, MAX_ENERGY_WH)
+    raise SettlementInputError(f"{where}.quality must be measured or estimated, got {m.quality!r}")
 
 
 # --------------------------------------------------------------------------- rules

@@ -20,9 +20,8 @@ import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
-from sqlalchemy import text
-
 from ledger_testing import LATE_CLOCK, LEDGER_KEY
+from sqlalchemy import text
 
 from services.ledger.adapters.sql import LedgerStore, migrate_ledger
 from services.ledger.domain.ledger import MAX_AMOUNT_NANO, Transfer
@@ -132,7 +131,7 @@ class LedgerMachine(RuleBasedStateMachine):
         batch: list[Transfer] = []
         while len(batch) < size:
             kind = rng.random()
-            if kind < 0.65 and kind >= 0.45 or kind >= 0.65 and not (standalone and groups):
+            if (kind < 0.65 and kind >= 0.45) or (kind >= 0.65 and not (standalone and groups)):
                 batch.extend(self.group(rng, rng.randrange(2, 7)))
             elif kind < 0.45:
                 batch.append(self.transfer(rng))
@@ -185,8 +184,8 @@ class LedgerMachine(RuleBasedStateMachine):
             rows, distinct = conn.execute(
                 text("SELECT COUNT(*), COUNT(DISTINCT transfer_id) FROM transfers")
             ).one()
-            group_counts = dict(
-                conn.execute(
+            group_counts: dict[str, int] = dict(
+                conn.execute(  # type: ignore[arg-type]
                     text(
                         "SELECT linked_group, COUNT(*) FROM transfers WHERE linked_group != '' GROUP BY linked_group"
                     )

@@ -15,6 +15,7 @@ its rows are not signed, so it is not among the tampered tables.
 
 from __future__ import annotations
 
+import hashlib
 import random
 import sqlite3
 import subprocess
@@ -27,11 +28,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from ledger_testing import LEDGER_KEY
 from sqlalchemy import Connection, Engine, exc, text
 
 from services.ledger.adapters.sql import LedgerStore
 from services.ledger.domain.audit import VerificationError
+from services.ledger.domain.chain import entry_bytes
 from services.ledger.domain.checkpoint import CheckpointError, verify_checkpoint_consistency
+from services.ledger.domain.ledger import Transfer
+from services.ledger.domain.merkle import leaf_hash
 from services.ledger.domain.settlement import SettlementInputs, SettlementRules
 from services.ledger.synthetic import SyntheticDay, synthetic_day
 from services.platform.db import make_engine, postgres_schema
@@ -71,6 +76,7 @@ TABLES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 }
 SMALLINT = {("transfers", "flags"), ("merkle_nodes", "level")}
 APPEND_ONLY = ("transfers", "chain", "merkle_nodes", "checkpoints", "settled_intervals")
+LEDGER_KEY_PUBLIC = bytes(LEDGER_KEY.verify_key)
 
 
 @dataclass
@@ -362,3 +368,65 @@ def test_a_forked_checkpoint_history_is_rejected_by_the_consistency_check(
         # Both ledgers verify on their own: only the held checkpoint exposes the fork.
         original.verify(trusted_public_key=key)
         fork.verify(trusted_public_key=key)
+
+
+def copy_sqlite(url: str, target: Path) -> str:
+    source = sqlite3.connect(url.removeprefix("sqlite:///"))
+    copy = sqlite3.connect(target)
+    source.backup(copy)
+    source.close()
+    copy.close()
+    return f"sqlite:///{target}"
+
+
+def rewrite_chain_from(url: str, seq: int) -> None:
+    """A careful attacker: change a transfer, then recompute every entry and chained hash after it."""
+    db = sqlite3.connect(url.removeprefix("sqlite:///"))
+    for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'").fetchall():
+        db.execute(f"DROP TRIGGER {name}")
+    db.execute("UPDATE transfers SET amount_nano = amount_nano + 1 WHERE seq = ?", (seq,))
+    (head,) = db.execute("SELECT chained_hash FROM chain WHERE seq = ?", (seq - 1,)).fetchone()
+    rows = db.execute(
+        "SELECT seq, transfer_id, debit_account, credit_account, amount_nano, code, interval_start_s, linked_group, flags "
+        "FROM transfers WHERE seq >= ? ORDER BY seq",
+        (seq,),
+    ).fetchall()
+    for row in rows:
+        entry = leaf_hash(entry_bytes(Transfer(*row[1:])))
+        head = hashlib.sha256(head + entry).digest()
+        db.execute("UPDATE chain SET entry_hash = ?, chained_hash = ? WHERE seq = ?", (entry, head, row[0]))
+    db.commit()
+    db.close()
+
+
+def verify_message(url: str, workers: int) -> str:
+    engine = make_engine(url)
+    try:
+        LedgerStore(engine).verify(trusted_public_key=LEDGER_KEY_PUBLIC, workers=workers, min_range=100)
+    except VerificationError as e:
+        return str(e)
+    finally:
+        engine.dispose()
+    return "verified"
+
+
+def test_verifying_in_parallel_ranges_finds_what_one_process_finds(
+    sqlite_url: str, make_store: Callable[[str], LedgerStore], tmp_path: Path
+) -> None:
+    store = make_store(sqlite_url)
+    settle(store, synthetic_day(participants=40, intervals=8, seed=5), range(8))
+    one = store.verify(trusted_public_key=store.public_key)
+    assert store.verify(trusted_public_key=store.public_key, workers=3, min_range=100) == one
+    for i, seq in enumerate((one.transfers - 5, one.transfers // 2, 3)):
+        plain = copy_sqlite(sqlite_url, tmp_path / f"plain{i}.db")
+        with sqlite3.connect(plain.removeprefix("sqlite:///")) as db:
+            for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'").fetchall():
+                db.execute(f"DROP TRIGGER {name}")
+            db.execute("UPDATE transfers SET amount_nano = amount_nano + 1 WHERE seq = ?", (seq,))
+        assert verify_message(plain, 1) == verify_message(plain, 3)
+        assert f"transfer seq {seq}: its entry hash does not match" in verify_message(plain, 3)
+        careful = copy_sqlite(sqlite_url, tmp_path / f"careful{i}.db")
+        rewrite_chain_from(careful, seq)
+        message = verify_message(careful, 3)
+        assert message == verify_message(careful, 1)
+        assert "the chain head differs from the signed one" in message

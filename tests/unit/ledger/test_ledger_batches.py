@@ -10,7 +10,6 @@ from services.ledger.domain.ledger import (
     AccountKind,
     AccountTotals,
     BalanceInvariantError,
-    Status,
     Transfer,
     TransferError,
     account_id,
@@ -100,7 +99,7 @@ def test_a_transfer_that_would_overflow_an_account_rejects_its_group_and_leaves_
 def test_amounts_at_the_limits_are_accepted_and_beyond_them_rejected() -> None:
     plan = plan_batch([t("one", 1), t("max", MAX_AMOUNT_NANO, B, M)], {}, {})
     assert statuses(plan) == ["created", "created"]
-    plan = plan_batch([t("over", MAX_AMOUNT_NANO + 1), t("neg", -1), t("bool", True)], {}, {})  # type: ignore[arg-type]
+    plan = plan_batch([t("over", MAX_AMOUNT_NANO + 1), t("neg", -1), t("bool", True)], {}, {})
     assert statuses(plan) == ["rejected"] * 3
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import pytest
 
@@ -222,7 +223,7 @@ def test_rules_have_defaults_and_refuse_unknown_or_bad_fields() -> None:
 )
 def test_bad_clearing_input_is_refused_naming_the_row(change, message: str) -> None:  # type: ignore[no-untyped-def]
     base = clearing()
-    fields = {
+    fields: dict[str, Any] = {
         "market_id": base.market_id,
         "interval_start_s": base.interval_start_s,
         "node_prices_micro_per_kwh": base.node_prices_micro_per_kwh,
