@@ -333,7 +333,8 @@ def _ranges(first: IntArray, last: IntArray) -> IntArray:
     if not total:
         return np.zeros(0, dtype=np.int64)
     starts = np.cumsum(lengths) - lengths
-    return np.arange(total, dtype=np.int64) - np.repeat(starts - first, lengths)
+    indices: IntArray = np.arange(total, dtype=np.int64) - np.repeat(starts - first, lengths)
+    return indices
 
 
 def define_constraints(

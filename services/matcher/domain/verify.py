@@ -118,15 +118,15 @@ def verify_result(request: ClearingInput, grid: Grid, document: Mapping[str, Any
     for index, line in enumerate(grid.lines):
         entry = reported_lines[line.id]
         reported_w = _number(entry["flow_w"], f"line {line.id}: flow_w")
-        if abs(reported_w) > line.capacity_w + 1e-3:
-            raise VerificationError(
-                f"line {line.id}: flow_w {reported_w} exceeds its capacity_w {line.capacity_w} (overloaded)"
-            )
         if abs(flows_wh[index]) > limits[index] + FLOW_TOLERANCE_WH:
             raise VerificationError(
                 f"line {line.id}: the accepted orders make it carry {flows_wh[index]:.6f} Wh "
                 f"({flows_wh[index] * to_w:.3f} W), beyond its limit of {limits[index]:.6f} Wh "
                 f"(capacity_w {line.capacity_w}) (overloaded)"
+            )
+        if abs(reported_w) > line.capacity_w + 1e-3:
+            raise VerificationError(
+                f"line {line.id}: flow_w {entry['flow_w']} exceeds its capacity_w {line.capacity_w} (overloaded)"
             )
         if abs(reported_w - flows_wh[index] * to_w) > FLOW_REPORT_TOLERANCE_W:
             raise VerificationError(
