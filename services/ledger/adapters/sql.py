@@ -47,6 +47,7 @@ from sqlalchemy import (
     exc,
     select,
 )
+from sqlalchemy.dialects import postgresql, sqlite
 
 from services.domain.intervals import Clock, RealClock
 from services.ledger.domain.audit import AuditReport, LedgerAuditor, RangeResult, VerificationError
@@ -80,16 +81,22 @@ from services.ledger.domain.outcomes import (
 )
 from services.ledger.domain.receipt import Receipt
 from services.ledger.domain.settlement import (
+    ClearingResult,
+    MeterEnergy,
+    MeterQuality,
     SettlementConflictError,
     SettlementInputs,
     SettlementPlan,
     SettlementRules,
+    clearing_from_json,
+    clearing_to_json,
     meter_state_from_json,
     meter_state_to_json,
     plan_first_settlement,
     plan_resettlement,
     settlement_due_s,
     validate_inputs,
+    validate_meter_energy,
 )
 from services.platform.db import migrate
 
@@ -165,6 +172,35 @@ settled_intervals_table = Table(
     Column("transfer_count", Integer(), nullable=False),
     Column("tree_size", BigInteger(), nullable=False),
     Column("settled_at_ms", BigInteger(), nullable=False),
+)
+
+staged_clearings_table = Table(
+    "staged_clearings",
+    metadata,
+    Column("market_id", String(100), primary_key=True),
+    Column("interval_start_s", BigInteger(), primary_key=True, autoincrement=False),
+    Column("interval_s", Integer(), nullable=False),
+    Column("clearing_digest", String(64), nullable=False),
+    Column("clearing_json", Text(), nullable=False),
+    Column("received_at_ms", BigInteger(), nullable=False),
+)
+staged_meter_energy_table = Table(
+    "staged_meter_energy",
+    metadata,
+    Column("market_id", String(100), primary_key=True),
+    Column("interval_start_s", BigInteger(), primary_key=True, autoincrement=False),
+    Column("participant_id", String(100), primary_key=True),
+    Column("import_wh", BigInteger(), nullable=False),
+    Column("export_wh", BigInteger(), nullable=False),
+    Column("quality", SmallInteger(), nullable=False),
+    Column("received_at_ms", BigInteger(), nullable=False),
+)
+pending_intervals_table = Table(
+    "pending_intervals",
+    metadata,
+    Column("market_id", String(100), primary_key=True),
+    Column("interval_start_s", BigInteger(), primary_key=True, autoincrement=False),
+    Column("version", BigInteger(), nullable=False),
 )
 
 TRANSFER_COLUMNS = (
@@ -306,6 +342,13 @@ class _PostgresBackend(_Backend):
         )
         debits, credits = cursor.fetchone()
         return [(int(debits), int(credits))]
+
+
+def _insert_for(conn: Connection, table: Table) -> Any:
+    """An INSERT that can take ON CONFLICT, in the connection's dialect."""
+    if conn.dialect.name == "postgresql":
+        return postgresql.insert(table)
+    return sqlite.insert(table)
 
 
 def _raw_cursor(conn: Connection) -> Any:
@@ -598,82 +641,278 @@ class LedgerStore:
                 f"interval {clearing.interval_start_s} of market {clearing.market_id!r} is due for settlement "
                 f"at {due_s}, it is {now_s:.0f}"
             )
-        digest = clearing.digest()
         with self._writing(connection) as conn:
-            self._backend.lock(conn)
-            s = settled_intervals_table.c
-            latest = conn.execute(
-                select(settled_intervals_table)
-                .where(s.market_id == clearing.market_id, s.interval_start_s == clearing.interval_start_s)
-                .order_by(s.revision.desc())
-                .limit(1)
-            ).first()
-            rules_json = rules.to_json()
-            plan: SettlementPlan | None
-            if latest is None:
-                plan = plan_first_settlement(inputs, rules)
-            else:
-                if latest.clearing_digest != digest:
-                    raise SettlementConflictError(
-                        f"interval {clearing.interval_start_s} of market {clearing.market_id!r} was settled from "
-                        f"another clearing result (digest {latest.clearing_digest}, now {digest})"
-                    )
-                # An interval is always settled under the rules it was first settled with.
-                rules_json = latest.rules_json
-                plan = plan_resettlement(
-                    inputs,
-                    SettlementRules.from_mapping(json.loads(latest.rules_json)),
-                    meter_state_from_json(latest.meter_json),
-                    int(latest.revision),
+            return self._settle(conn, inputs, rules)
+
+    def _settle(
+        self, conn: Connection, inputs: SettlementInputs, rules: SettlementRules
+    ) -> SettlementOutcome:
+        clearing = inputs.clearing
+        digest = clearing.digest()
+        self._backend.lock(conn)
+        s = settled_intervals_table.c
+        latest = conn.execute(
+            select(settled_intervals_table)
+            .where(s.market_id == clearing.market_id, s.interval_start_s == clearing.interval_start_s)
+            .order_by(s.revision.desc())
+            .limit(1)
+        ).first()
+        rules_json = rules.to_json()
+        plan: SettlementPlan | None
+        if latest is None:
+            plan = plan_first_settlement(inputs, rules)
+        else:
+            if latest.clearing_digest != digest:
+                raise SettlementConflictError(
+                    f"interval {clearing.interval_start_s} of market {clearing.market_id!r} was settled from "
+                    f"another clearing result (digest {latest.clearing_digest}, now {digest})"
                 )
-                if plan is None:
-                    return SettlementOutcome(
-                        market_id=clearing.market_id,
-                        interval_start_s=clearing.interval_start_s,
-                        revision=int(latest.revision),
-                        status=SettlementStatus.UNCHANGED,
-                        transfer_count=0,
-                        first_seq=0,
-                        tree_size=int(latest.tree_size),
-                        estimated_participants=tuple(
-                            sorted(
-                                p for p, v in meter_state_from_json(latest.meter_json).items() if v[2] != 2
-                            )
-                        ),
-                        checkpoint=None,
-                    )
-            appended, checkpoint = self._append_new_group(conn, plan.transfers)
-            state = self._state_for(conn) if appended == 0 else self._state
-            assert state is not None
-            first_seq = state.seq - appended + 1 if appended else 0
-            now_ms = int(self.clock.now_s() * 1000)
-            conn.execute(
-                settled_intervals_table.insert().values(
+            # An interval is always settled under the rules it was first settled with.
+            rules_json = latest.rules_json
+            plan = plan_resettlement(
+                inputs,
+                SettlementRules.from_mapping(json.loads(latest.rules_json)),
+                meter_state_from_json(latest.meter_json),
+                int(latest.revision),
+            )
+            if plan is None:
+                return SettlementOutcome(
                     market_id=clearing.market_id,
                     interval_start_s=clearing.interval_start_s,
-                    revision=plan.revision,
-                    interval_s=clearing.interval_s,
-                    clearing_digest=digest,
-                    rules_json=rules_json,
-                    meter_json=meter_state_to_json(plan.meter_state),
-                    estimated_count=len(plan.estimated_participants),
-                    first_seq=first_seq,
-                    transfer_count=appended,
-                    tree_size=state.seq,
-                    settled_at_ms=now_ms,
+                    revision=int(latest.revision),
+                    status=SettlementStatus.UNCHANGED,
+                    transfer_count=0,
+                    first_seq=0,
+                    tree_size=int(latest.tree_size),
+                    estimated_participants=tuple(
+                        sorted(
+                            p
+                            for p, v in meter_state_from_json(latest.meter_json).items()
+                            if v[2] is not MeterQuality.MEASURED
+                        )
+                    ),
+                    checkpoint=None,
                 )
-            )
-            return SettlementOutcome(
+        appended, checkpoint = self._append_new_group(conn, plan.transfers)
+        state = self._state_for(conn) if appended == 0 else self._state
+        assert state is not None
+        first_seq = state.seq - appended + 1 if appended else 0
+        now_ms = int(self.clock.now_s() * 1000)
+        conn.execute(
+            settled_intervals_table.insert().values(
                 market_id=clearing.market_id,
                 interval_start_s=clearing.interval_start_s,
                 revision=plan.revision,
-                status=SettlementStatus.SETTLED if plan.revision == 0 else SettlementStatus.CORRECTED,
-                transfer_count=appended,
+                interval_s=clearing.interval_s,
+                clearing_digest=digest,
+                rules_json=rules_json,
+                meter_json=meter_state_to_json(plan.meter_state),
+                estimated_count=len(plan.estimated_participants),
                 first_seq=first_seq,
+                transfer_count=appended,
                 tree_size=state.seq,
-                estimated_participants=plan.estimated_participants,
-                checkpoint=checkpoint,
+                settled_at_ms=now_ms,
             )
+        )
+        return SettlementOutcome(
+            market_id=clearing.market_id,
+            interval_start_s=clearing.interval_start_s,
+            revision=plan.revision,
+            status=SettlementStatus.SETTLED if plan.revision == 0 else SettlementStatus.CORRECTED,
+            transfer_count=appended,
+            first_seq=first_seq,
+            tree_size=state.seq,
+            estimated_participants=plan.estimated_participants,
+            checkpoint=checkpoint,
+        )
+
+    # ----------------------------------------------------------------- staging
+
+    def stage_clearing(self, clearing: ClearingResult, *, connection: Connection | None = None) -> bool:
+        """Hold a clearing result until its interval is due; True if it was new, False for a repeat.
+
+        Call it in the consumer's transaction, with its inbox row. A different
+        clearing result for the same interval raises SettlementConflictError.
+        """
+        validate_inputs(SettlementInputs(clearing, ()))
+        digest = clearing.digest()
+        c = staged_clearings_table.c
+        with self._writing(connection) as conn:
+            row = conn.execute(
+                select(c.clearing_digest).where(
+                    c.market_id == clearing.market_id, c.interval_start_s == clearing.interval_start_s
+                )
+            ).first()
+            if row is not None:
+                if row[0] != digest:
+                    raise SettlementConflictError(
+                        f"interval {clearing.interval_start_s} of market {clearing.market_id!r} already has "
+                        f"another clearing result (digest {row[0]}, now {digest})"
+                    )
+                return False
+            conn.execute(
+                staged_clearings_table.insert().values(
+                    market_id=clearing.market_id,
+                    interval_start_s=clearing.interval_start_s,
+                    interval_s=clearing.interval_s,
+                    clearing_digest=digest,
+                    clearing_json=json.dumps(clearing_to_json(clearing), separators=(",", ":")),
+                    received_at_ms=int(self.clock.now_s() * 1000),
+                )
+            )
+            self._mark_pending(conn, clearing.market_id, clearing.interval_start_s)
+            return True
+
+    def stage_meter_energy(
+        self,
+        market_id: str,
+        interval_start_s: int,
+        readings: Sequence[MeterEnergy],
+        *,
+        connection: Connection | None = None,
+    ) -> int:
+        """Hold meter energy of an interval; returns how many readings improved what was held.
+
+        A reading replaces a held one only if its quality is better (estimated
+        < measured), so redeliveries in any order are harmless; a measurement
+        that contradicts a held measurement raises SettlementConflictError.
+        """
+        validate_meter_energy(readings)
+        m = staged_meter_energy_table.c
+        now_ms = int(self.clock.now_s() * 1000)
+        with self._writing(connection) as conn:
+            held: dict[str, tuple[int, int, int]] = {}
+            ids = [r.participant_id for r in readings]
+            for i in range(0, len(ids), 500):
+                for row in conn.execute(
+                    select(m.participant_id, m.import_wh, m.export_wh, m.quality).where(
+                        m.market_id == market_id,
+                        m.interval_start_s == interval_start_s,
+                        m.participant_id.in_(ids[i : i + 500]),
+                    )
+                ):
+                    held[row[0]] = (int(row[1]), int(row[2]), int(row[3]))
+            better = []
+            for r in readings:
+                before = held.get(r.participant_id)
+                if before is None or r.quality > before[2]:
+                    better.append(r)
+                elif (
+                    r.quality is MeterQuality.MEASURED
+                    and before[2] == MeterQuality.MEASURED
+                    and (r.import_wh, r.export_wh) != before[:2]
+                ):
+                    raise SettlementConflictError(
+                        f"participant {r.participant_id!r} in interval {interval_start_s}: measured "
+                        f"{r.import_wh}/{r.export_wh} Wh contradicts the measured {before[0]}/{before[1]} Wh held"
+                    )
+            if better:
+                table = _insert_for(conn, staged_meter_energy_table)
+                statement = table.on_conflict_do_update(
+                    index_elements=["market_id", "interval_start_s", "participant_id"],
+                    set_={
+                        "import_wh": table.excluded.import_wh,
+                        "export_wh": table.excluded.export_wh,
+                        "quality": table.excluded.quality,
+                        "received_at_ms": table.excluded.received_at_ms,
+                    },
+                )
+                conn.execute(
+                    statement,
+                    [
+                        {
+                            "market_id": market_id,
+                            "interval_start_s": interval_start_s,
+                            "participant_id": r.participant_id,
+                            "import_wh": r.import_wh,
+                            "export_wh": r.export_wh,
+                            "quality": int(r.quality),
+                            "received_at_ms": now_ms,
+                        }
+                        for r in better
+                    ],
+                )
+                self._mark_pending(conn, market_id, interval_start_s)
+            return len(better)
+
+    def _mark_pending(self, conn: Connection, market_id: str, interval_start_s: int) -> None:
+        table = _insert_for(conn, pending_intervals_table)
+        conn.execute(
+            table.values(
+                market_id=market_id, interval_start_s=interval_start_s, version=1
+            ).on_conflict_do_update(
+                index_elements=["market_id", "interval_start_s"],
+                set_={"version": pending_intervals_table.c.version + 1},
+            )
+        )
+
+    def settle_due(
+        self, rules_for: Callable[[str], SettlementRules], *, limit: int = 100
+    ) -> list[SettlementOutcome]:
+        """Settle, each in its own transaction, the held intervals whose clearing result is in and whose
+        metering deadline has passed, oldest first; `rules_for(market_id)` gives a market's rules.
+
+        An interval with new meter data since its settlement is settled again
+        (correcting transfers); one with nothing new is left as it is.
+        """
+        p = pending_intervals_table.c
+        c = staged_clearings_table.c
+        now_s = self.clock.now_s()
+        with self.engine.connect() as conn:
+            candidates = conn.execute(
+                select(p.market_id, p.interval_start_s, c.interval_s)
+                .join(
+                    staged_clearings_table,
+                    (c.market_id == p.market_id) & (c.interval_start_s == p.interval_start_s),
+                )
+                .order_by(p.interval_start_s, p.market_id)
+            ).all()
+        outcomes = []
+        for market_id, interval_start_s, interval_s in candidates:
+            rules = rules_for(str(market_id))
+            if now_s < settlement_due_s(int(interval_start_s), int(interval_s), rules):
+                continue
+            with self._writing(None) as conn:
+                version = conn.execute(
+                    select(p.version).where(p.market_id == market_id, p.interval_start_s == interval_start_s)
+                ).scalar()
+                if version is None:
+                    continue  # settled meanwhile by another caller
+                inputs = self._staged_inputs(conn, market_id, interval_start_s)
+                validate_inputs(inputs)
+                outcomes.append(self._settle(conn, inputs, rules))
+                # Data that arrived meanwhile bumped the version and keeps the interval pending.
+                conn.execute(
+                    pending_intervals_table.delete().where(
+                        p.market_id == market_id, p.interval_start_s == interval_start_s, p.version == version
+                    )
+                )
+            if len(outcomes) >= limit:
+                break
+        return outcomes
+
+    def _staged_inputs(self, conn: Connection, market_id: str, interval_start_s: int) -> SettlementInputs:
+        c = staged_clearings_table.c
+        m = staged_meter_energy_table.c
+        clearing_json = conn.execute(
+            select(c.clearing_json).where(c.market_id == market_id, c.interval_start_s == interval_start_s)
+        ).scalar_one()
+        readings = tuple(
+            MeterEnergy(str(r[0]), int(r[1]), int(r[2]), MeterQuality(int(r[3])))
+            for r in conn.execute(
+                select(m.participant_id, m.import_wh, m.export_wh, m.quality)
+                .where(m.market_id == market_id, m.interval_start_s == interval_start_s)
+                .order_by(m.participant_id)
+            )
+        )
+        return SettlementInputs(clearing_from_json(json.loads(clearing_json)), readings)
+
+    def pending_intervals(self) -> list[tuple[str, int]]:
+        """Intervals holding data that is not settled yet (waiting for their clearing result or deadline)."""
+        p = pending_intervals_table.c
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(p.market_id, p.interval_start_s).order_by(p.interval_start_s)).all()
+        return [(str(r[0]), int(r[1])) for r in rows]
 
     # ----------------------------------------------------------------- reads
 

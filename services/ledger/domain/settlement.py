@@ -165,14 +165,8 @@ class SettlementInputs:
 
     def to_json(self) -> dict[str, Any]:
         """The recorded form: plain JSON with integer units."""
-        c = self.clearing
         return {
-            "market_id": c.market_id,
-            "interval_start_s": c.interval_start_s,
-            "interval_s": c.interval_s,
-            "node_prices_micro_per_kwh": dict(sorted(c.node_prices_micro_per_kwh.items())),
-            "trades": [[t.buyer_id, t.buyer_node, t.seller_id, t.seller_node, t.energy_wh] for t in c.trades],
-            "accepted": [[a.participant_id, a.bought_wh, a.sold_wh] for a in c.accepted],
+            **clearing_to_json(self.clearing),
             "meter_energy": [
                 [m.participant_id, m.import_wh, m.export_wh, m.quality.name.lower()]
                 for m in self.meter_energy
@@ -183,22 +177,40 @@ class SettlementInputs:
     def from_json(cls, data: Mapping[str, Any]) -> SettlementInputs:
         """Parse the recorded form; raises SettlementInputError naming the field."""
         try:
-            clearing = ClearingResult(
-                market_id=data["market_id"],
-                interval_start_s=data["interval_start_s"],
-                interval_s=data.get("interval_s", DEFAULT_INTERVAL_S),
-                node_prices_micro_per_kwh=dict(data["node_prices_micro_per_kwh"]),
-                trades=tuple(Trade(*row) for row in data["trades"]),
-                accepted=tuple(AcceptedEnergy(*row) for row in data["accepted"]),
-            )
             meter = tuple(
                 MeterEnergy(p, i, e, MeterQuality[str(q).upper()]) for p, i, e, q in data["meter_energy"]
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise SettlementInputError(f"recorded settlement input: {exc!r}") from exc
-        inputs = cls(clearing, meter)
+        inputs = cls(clearing_from_json(data), meter)
         validate_inputs(inputs)
         return inputs
+
+
+def clearing_to_json(c: ClearingResult) -> dict[str, Any]:
+    return {
+        "market_id": c.market_id,
+        "interval_start_s": c.interval_start_s,
+        "interval_s": c.interval_s,
+        "node_prices_micro_per_kwh": dict(sorted(c.node_prices_micro_per_kwh.items())),
+        "trades": [[t.buyer_id, t.buyer_node, t.seller_id, t.seller_node, t.energy_wh] for t in c.trades],
+        "accepted": [[a.participant_id, a.bought_wh, a.sold_wh] for a in c.accepted],
+    }
+
+
+def clearing_from_json(data: Mapping[str, Any]) -> ClearingResult:
+    """Parse the recorded form of a clearing result (not validated: see validate_inputs)."""
+    try:
+        return ClearingResult(
+            market_id=data["market_id"],
+            interval_start_s=data["interval_start_s"],
+            interval_s=data.get("interval_s", DEFAULT_INTERVAL_S),
+            node_prices_micro_per_kwh=dict(data["node_prices_micro_per_kwh"]),
+            trades=tuple(Trade(*row) for row in data["trades"]),
+            accepted=tuple(AcceptedEnergy(*row) for row in data["accepted"]),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise SettlementInputError(f"recorded clearing result: {exc!r}") from exc
 
 
 def _check_int(value: object, where: str, low: int, high: int) -> int:
@@ -267,9 +279,22 @@ def validate_inputs(inputs: SettlementInputs) -> None:
         seen.add(pid)
     for name in (bought.keys() | sold.keys()) - seen:
         raise SettlementInputError(f"clearing.accepted: participant {name!r} has trades but no accepted row")
-    seen.clear()
+    validate_meter_energy(inputs.meter_energy, names)
+
+
+def validate_meter_energy(readings: Sequence[MeterEnergy], known_names: set[str] | None = None) -> None:
+    """Raise SettlementInputError for the first reading that breaks a rule, naming it."""
+    names = known_names if known_names is not None else set()
+
+    def valid(name: object) -> bool:
+        if isinstance(name, str) and _NAME_RE.fullmatch(name):
+            names.add(name)
+            return True
+        return False
+
+    seen: set[str] = set()
     measured, estimated = MeterQuality.MEASURED, MeterQuality.ESTIMATED
-    for i, m in enumerate(inputs.meter_energy):
+    for i, m in enumerate(readings):
         pid, import_wh, export_wh = m.participant_id, m.import_wh, m.export_wh
         if not (
             type(pid) is str
