@@ -28,7 +28,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from services.ledger.domain.chain import GENESIS_HASH, parse_entry
+from services.ledger.domain.chain import ENTRY_PREFIX, GENESIS_HASH, parse_entry
 from services.ledger.domain.checkpoint import NO_PREVIOUS, Checkpoint, CheckpointError, verify_checkpoint
 from services.ledger.domain.ledger import (
     AccountError,
@@ -75,8 +75,8 @@ class RangeResult:
 
 
 Row = Sequence[Any]
-"""(transfers.seq, chain.seq, debit_account, credit_account, amount_nano, interval_start_s,
-canonical entry text, chain.transfer_id = transfers.transfer_id, entry_hash, chained_hash)"""
+"""(transfers.seq, chain.seq, transfer_id, debit_account, credit_account, amount_nano, code,
+interval_start_s, linked_group, flags, chain.transfer_id = transfers.transfer_id, entry_hash, chained_hash)"""
 
 
 class RangeAuditor:
@@ -123,6 +123,7 @@ class RangeAuditor:
 
     def _feed(self, rows: Sequence[Row]) -> None:
         sha = hashlib.sha256
+        prefix = ENTRY_PREFIX
         seq = self._seq
         head = self._head
         debits = self._debits
@@ -140,21 +141,26 @@ class RangeAuditor:
                     )
                 if r[1] != seq:
                     raise VerificationError(f"chain: no row for seq {seq}: a chain row was deleted or moved")
-                if not r[7]:
+                if not r[10]:
                     raise VerificationError(
                         f"seq {seq}: the chain row names another transfer id than the transfers row: one was changed"
                     )
-                entry = r[6]
+                amount = r[5]
+                if type(amount) is not int or type(r[7]) is not int:
+                    raise VerificationError(
+                        f"transfer seq {seq}: amount_nano or interval_start_s is not an integer"
+                    )
+                entry = f"{prefix}|{r[2]}|{r[3]}|{r[4]}|{amount}|{r[6]}|{r[7]}|{r[8]}|{r[9]}"
                 try:
                     h = sha(b"\x00" + entry.encode("ascii")).digest()
-                except (AttributeError, UnicodeEncodeError):
+                except UnicodeEncodeError:
                     raise VerificationError(
-                        f"transfer seq {seq}: a field is empty or holds non-ASCII characters"
+                        f"transfer seq {seq}: a field holds non-ASCII characters"
                     ) from None
-                if h != r[8]:
+                if h != r[11]:
                     _explain_entry_mismatch(seq, entry)
                 head = sha(head + h).digest()
-                if head != r[9]:
+                if head != r[12]:
                     raise VerificationError(
                         f"chain seq {seq}: chained hash does not follow from the previous one and the entry hash"
                     )
@@ -164,14 +170,9 @@ class RangeAuditor:
                         f"checkpoint of size {seq}: the chain head differs from the signed one"
                     )
                 leaf(h)
-                amount = r[4]
-                if type(amount) is not int or type(r[5]) is not int:
-                    raise VerificationError(
-                        f"transfer seq {seq}: amount_nano or interval_start_s is not an integer"
-                    )
-                debits[r[2]] = debits.get(r[2], 0) + amount
-                credits[r[3]] = credits.get(r[3], 0) + amount
-                intervals.append(r[5])
+                debits[r[3]] = debits.get(r[3], 0) + amount
+                credits[r[4]] = credits.get(r[4], 0) + amount
+                intervals.append(r[7])
                 if seq == self.end:
                     break
         finally:
@@ -274,7 +275,7 @@ class LedgerAuditor:
             previous_hash = checkpoint.checkpoint_hash()
             previous = checkpoint
 
-    def plan(self, total: int, parts: int, min_range: int = 50_000) -> list[tuple[int, int]]:
+    def plan(self, total: int, parts: int, min_range: int = 25_000) -> list[tuple[int, int]]:
         """Split seqs (0, total] into up to `parts` ranges of about equal length, none shorter than `min_range`."""
         parts = max(1, min(parts, total // max(1, min_range) or 1))
         bounds = [total * i // parts for i in range(parts + 1)]

@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 from services.ledger.domain.ledger import (
     ACCOUNT_ID_PATTERN,
@@ -86,8 +86,6 @@ ChainRow = tuple[int, str, bytes, bytes]
 
 
 class HashedBatch(NamedTuple):
-    transfer_rows: list[tuple[Any, ...]]
-    """(seq, *transfer): one row of the transfers table per transfer."""
     chain_rows: list[ChainRow]
     chain_head: bytes
     completed_nodes: list[tuple[int, int, bytes]]
@@ -101,11 +99,9 @@ def hash_batch(
     frontier: MerkleFrontier,
     node_min_level: int,
 ) -> HashedBatch:
-    """Number, chain and Merkle-append a batch in one tight loop; `frontier` is advanced in place."""
+    """Chain and Merkle-append a batch in one tight loop; `frontier` is advanced in place."""
     sha = _sha256
     prefix = ENTRY_PREFIX
-    transfer_rows: list[tuple[Any, ...]] = []
-    add_transfer = transfer_rows.append
     rows: list[ChainRow] = []
     push = rows.append
     leaves: list[bytes] = []
@@ -116,10 +112,9 @@ def hash_batch(
             f"\x00{prefix}|{t[0]}|{t[1]}|{t[2]}|{t[3]}|{t[4]}|{t[5]}|{t[6]}|{t[7]}".encode("ascii")
         ).digest()
         previous = sha(previous + h).digest()
-        add_transfer((seq, *t))
         push((seq, t[0], h, previous))
         leaf(h)
         seq += 1
     completed: list[tuple[int, int, bytes]] = []
     frontier.extend(leaves, node_min_level, completed)
-    return HashedBatch(transfer_rows, rows, previous, completed)
+    return HashedBatch(rows, previous, completed)
