@@ -67,6 +67,11 @@ def register_bench(benches: argparse._SubParsersAction[argparse.ArgumentParser])
     bench.add_argument("--shuffled", action="store_true", help="hand the orders over in random row order")
     bench.add_argument("--orders-file", type=Path, help="ORDERS.csv to clear instead of generated books")
     bench.add_argument("--grid", type=Path, help="GRID.yaml for --orders-file")
+    bench.add_argument(
+        "--default-allocator",
+        action="store_true",
+        help="let glibc return freed memory to the OS between runs (page faults then count too)",
+    )
     bench.set_defaults(func=_bench)
 
 
@@ -175,4 +180,5 @@ def _bench(args: argparse.Namespace) -> int:
         shuffled=args.shuffled,
         orders_file=args.orders_file,
         grid_file=args.grid,
+        keep_memory=not args.default_allocator,
     )

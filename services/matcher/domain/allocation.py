@@ -241,33 +241,29 @@ def _most_volume(
     sign = steps.sign[marginal_steps]
     count = len(marginal_steps)
     fixed_flows = ptdf @ fixed_injection if len(grid.lines) else np.zeros(0)
-    # Rows: balance, then every line with a non-zero column.
-    rows_columns: list[IntArray] = [np.arange(count)]
-    rows_coefficients: list[FloatArray] = [sign]
-    row_lower = [-float(fixed_injection.sum())]
-    row_upper = [-float(fixed_injection.sum())]
     node_of = steps.node[marginal_steps]
-    for line in range(len(grid.lines)):
-        coefficients = ptdf[line, node_of] * sign
-        nonzero = np.flatnonzero(coefficients)
-        if binding_direction[line] != 0:
-            target = binding_direction[line] * limits[line] - fixed_flows[line]
-            lower, upper = target, target
-        else:
-            lower, upper = -limits[line] - fixed_flows[line], limits[line] - fixed_flows[line]
-        rows_columns.append(nonzero)
-        rows_coefficients.append(coefficients[nonzero])
-        row_lower.append(lower)
-        row_upper.append(upper)
+    # Rows: the balance, then every line (its flow from the marginal steps).
+    effect = ptdf[:, node_of] * sign
+    line_rows, line_columns = np.nonzero(effect)
+    total = -float(fixed_injection.sum())
+    line_lower = -limits - fixed_flows
+    line_upper = limits - fixed_flows
+    binding = binding_direction != 0
+    # Lines with a shadow price stay at their limit, so welfare stays optimal.
+    at_limit = binding_direction * limits - fixed_flows
+    line_lower = np.where(binding, at_limit, line_lower)
+    line_upper = np.where(binding, at_limit, line_upper)
     program = lp.LinearProgram(
         lower=np.zeros(count),
         upper=steps.energy_wh[marginal_steps].astype(np.float64),
         objective=steps.is_buy[marginal_steps].astype(np.float64),
-        row_start=np.concatenate(([0], np.cumsum([len(c) for c in rows_columns]))).astype(np.int64),
-        column=np.concatenate(rows_columns).astype(np.int64),
-        coefficient=np.concatenate(rows_coefficients).astype(np.float64),
-        row_lower=np.array(row_lower, dtype=np.float64),
-        row_upper=np.array(row_upper, dtype=np.float64),
+        row_start=np.concatenate(
+            ([0, count], count + np.cumsum(np.bincount(line_rows, minlength=len(grid.lines))))
+        ).astype(np.int64),
+        column=np.concatenate((np.arange(count), line_columns)).astype(np.int64),
+        coefficient=np.concatenate((sign, effect[line_rows, line_columns])).astype(np.float64),
+        row_lower=np.concatenate(([total], line_lower)).astype(np.float64),
+        row_upper=np.concatenate(([total], line_upper)).astype(np.float64),
         maximize=True,
     )
     try:

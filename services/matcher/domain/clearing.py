@@ -65,21 +65,18 @@ def clear(
     )
     trades = timed("trades_s", lambda: decompose(accepted, np.asarray(book.is_buy)))
 
-    step_sign = np.where(steps.is_buy, 1, -1).astype(np.int64)
-    step_price = steps.level * steps.tick_micro_per_kwh
-    welfare = _exact_dot(step_sign * step_price, allocation.accepted_wh)
-    node_count = len(grid.nodes)
-    bought = np.bincount(
-        steps.node[steps.is_buy], weights=allocation.accepted_wh[steps.is_buy], minlength=node_count
-    )
-    sold = np.bincount(
-        steps.node[~steps.is_buy], weights=allocation.accepted_wh[~steps.is_buy], minlength=node_count
-    )
-    net_bought = (bought - sold).astype(np.int64)
+    # Welfare = sum over buys of p * a - sum over sells of p * a (p on the tick,
+    # so tick * sum(level * signed a)); congestion rent = what buyers pay minus
+    # what sellers get at their node prices; both exact integers.
+    step_accepted = allocation.accepted_wh
+    signed = np.where(steps.is_buy, step_accepted, -step_accepted)
+    welfare = _exact_dot(steps.level, signed) * steps.tick_micro_per_kwh
+    net_bought = np.bincount(steps.node, weights=signed, minlength=len(grid.nodes)).astype(np.int64)
     congestion_rent = sum(
         int(p) * int(n) for p, n in zip(prices.price_micro_per_kwh.tolist(), net_bought.tolist(), strict=True)
     )
-    traded = int(allocation.accepted_wh[steps.is_buy].sum())
+    # Buys and sells balance, so each side is half of all accepted energy.
+    traded = int(step_accepted.sum()) // 2
     timings["total_s"] = time.perf_counter() - started
     return ClearingResult(
         interval_minutes=grid.interval_minutes,

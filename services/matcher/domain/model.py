@@ -15,16 +15,26 @@ beta of the balance and eta_l of the lines, the node prices are
 pi_n = ref + rho_n = lambda - sum_l PTDF[l, n] mu_l with lambda = ref - beta
 and mu = eta (positive when a line binds in its from -> to direction).
 
-Price windows keep the LP small: only steps whose price lies within a window
-around each node's expected price are variables of their own. The steps below
-and above a window are merged into one variable each, priced at the group's
-worst case for the expected outcome (buys above and sells below expected
-accepted, the others rejected). If every merged variable ends at its expected
-bound, the solution is optimal for the full LP (each merged step's reduced
-cost has the sign of the worst one). Otherwise the window of that node grows
-towards where the merged variable's volume says the price lies, and the LP is
-solved again. Windows only grow, so this ends; in the worst case every step
-is a variable of its own.
+Price windows keep the LP small (a million orders make a few hundred
+thousand steps, of which only a handful per node are marginal): only steps
+whose price lies within a window around each node's expected price are
+variables of their own; the steps outside are merged into groups.
+
+1. Estimate where each node's price lies. On a radial feeder, from the
+   subtrees' supply curves (`radial_levels`, exact up to a bucket of levels);
+   otherwise by a round or two of the LP with each group priced at its
+   volume-weighted mean (an approximation of the book), starting from the
+   price at which the whole book's supply and demand cross.
+2. Certify: groups are priced at their worst case for the expected outcome
+   (buys above and sells below a window expected accepted, the others
+   rejected: the group's step nearest the window). If every group ends at
+   its expected bound, the solution is optimal for the full LP, because each
+   grouped step's reduced cost has the sign of the worst one. Otherwise the
+   windows of the nodes concerned grow towards where the group's accepted
+   volume says the price lies, and the LP is solved again. Windows only grow,
+   so this ends; in the worst case every step is a variable of its own.
+
+The estimates only decide how fast this goes, never what the result is.
 """
 
 from __future__ import annotations
@@ -44,10 +54,12 @@ BoolArray = npt.NDArray[np.bool_]
 
 # Half width (in ticks) of the first price window around each node's expected price.
 INITIAL_HALF_WIDTH_LEVELS = 4
+# Windows after LP estimates are this many times wider (estimates can be a few ticks off).
+CERTIFY_WIDTH_FACTOR = 2
 # Groups outside a window grow by this factor with the distance from it
 # (when estimating, and when certifying, where little detail is needed).
 GROUP_GROWTH = 4
-CERTIFY_GROUP_GROWTH = 16
+CERTIFY_GROUP_GROWTH = 64
 # The radial estimate builds node x price-bucket curves with at most this
 # many buckets per node and this many cells in all.
 MAX_CURVE_BUCKETS = 1024
@@ -120,7 +132,8 @@ def solve_steps(
             0,
             0,
         )
-    level_min, level_max = int(steps.level.min()), int(steps.level.max())
+    level_min = steps.base_level
+    level_max = level_min + steps.key_span - 1
     half_width = np.full(node_count, max(1, initial_half_width), dtype=np.int64)
     rounds = 0
     estimate_rounds = ESTIMATE_ROUNDS
@@ -138,19 +151,25 @@ def solve_steps(
     centre = int(np.median(target))
     # Estimate: groups at their volume-weighted price approximate the book, so
     # the LP's prices say where each node's window belongs.
+    moved = np.zeros(node_count)
     for _ in range(estimate_rounds):
         rounds += 1
         layout = define_variables(steps, target - half_width, target + half_width, certify=False)
         solution = lp.solve(_program(steps, grid, layout, limits_wh, reference_level=centre))
         estimate = np.clip(centre + solution.duals[:node_count], level_min, level_max)
-        settled = bool(np.all(np.abs(estimate - target) <= half_width / 2))
+        moved = np.abs(estimate - target)
         target = np.rint(estimate).astype(np.int64)
-        if settled:
+        if bool(np.all(moved <= half_width / 2)):
+            moved[:] = 0
             break
     # Certify: groups at their worst case; windows only grow until every group
-    # ends at its expected bound.
-    low = target - half_width
-    high = target + half_width
+    # ends at its expected bound. A node whose estimate still moved in the last
+    # round gets a window as wide as that move.
+    certify_width = np.maximum(
+        half_width * CERTIFY_WIDTH_FACTOR if estimate_rounds else half_width, np.ceil(moved).astype(np.int64)
+    )
+    low = target - certify_width
+    high = target + certify_width
     certify_rounds = 0
     while True:
         rounds += 1
@@ -206,16 +225,15 @@ def radial_levels(steps: PriceSteps, grid: Grid, limits_wh: FloatArray) -> tuple
     width = -(-span // bucket)
     if node_count * width > MAX_DENSE_CURVE_CELLS:
         return None
-    column = (steps.level - base) // bucket if bucket > 1 else steps.level - base
-    offset = steps.node * width + column
-    buys = steps.is_buy
-    cells = node_count * width
-    supply = np.bincount(offset[~buys], weights=steps.energy_wh[~buys], minlength=cells).reshape(
-        node_count, width
-    )
-    demand = np.bincount(offset[buys], weights=steps.energy_wh[buys], minlength=cells).reshape(
-        node_count, width
-    )
+    column = steps.level - base
+    if bucket > 1:
+        column = (np.arange(span) // bucket)[column]
+    # One pass: a (node, side, bucket) table; steps are sorted that way already.
+    offset = (steps.node * 2 + steps.is_buy) * width + column
+    table = np.bincount(offset, weights=steps.energy_wh, minlength=2 * node_count * width)
+    table = table.reshape(node_count, 2, width)
+    supply = table[:, 0, :]
+    demand = table[:, 1, :]
     # Supply at or below a bucket, minus demand at or above it (all demand minus demand below it).
     curves = np.cumsum(supply, axis=1) - (
         demand.sum(axis=1, keepdims=True) - np.cumsum(demand, axis=1) + demand
@@ -365,16 +383,12 @@ def define_constraints(
     column_parts.append(injection_column)
     coefficient_parts.append(np.ones(node_count))
     offset += node_count
-    starts = [offset]
-    # Line rows.
-    ptdf = grid.ptdf()
-    for line in range(len(grid.lines)):
-        nonzero = np.flatnonzero(ptdf[line])
-        column_parts.append(injection_column[nonzero])
-        coefficient_parts.append(ptdf[line, nonzero])
-        offset += len(nonzero)
-        starts.append(offset)
-    row_start_all = np.concatenate((row_start[0], np.array(starts, dtype=np.int64)))
+    # Line rows: the PTDF's non-zero entries, row by row.
+    line_rows, line_nodes = np.nonzero(grid.ptdf())
+    column_parts.append(injection_column[line_nodes])
+    coefficient_parts.append(grid.ptdf()[line_rows, line_nodes])
+    line_ends = offset + np.cumsum(np.bincount(line_rows, minlength=len(grid.lines)))
+    row_start_all = np.concatenate((row_start[0], [offset], line_ends)).astype(np.int64)
     row_lower = np.concatenate((np.zeros(node_count + 1), -limits_wh))
     row_upper = np.concatenate((np.zeros(node_count + 1), limits_wh))
     return (

@@ -8,13 +8,16 @@ like the line's flow (lambda is the slack node's price).
 
 Where this leaves a choice, the rule is:
 
-- Uncongested (no binding line): one price everywhere, the midpoint of the
-  admissible interval [max of the lower bounds, min of the upper bounds],
-  rounded half to even to a whole micro-currency. If only one end is bounded
-  (e.g. a book with buys only), the price is that end; with no orders at all
-  it is 0. Examples: no crossing -> midway between the best buy and the best
-  sell; everything crossing with equal volumes -> midway between the last
-  accepted sell and the last accepted buy.
+- Uncongested (one price fits every node, so no line needs a shadow price,
+  even if a line happens to be at its limit): one price everywhere, the
+  midpoint of the admissible interval [max of the lower bounds, min of the
+  upper bounds], rounded half to even to a whole micro-currency
+  (`rules.midpoint_rule`). If only one end is bounded (e.g. a book with buys
+  only), the price is that end; with no orders at all it is 0. Examples: no
+  crossing -> midway between the best buy and the best sell; everything
+  crossing with equal volumes -> midway between the last accepted sell and
+  the last accepted buy; with unequal volumes the longer side's marginal
+  order sets the price.
 - Congested: first the least congestion, min sum_l |mu_l|, so that prices
   differ only as much as the binding lines force; then, keeping that, lambda
   at the midpoint of its admissible range (or its finite end, or 0); then
@@ -22,7 +25,8 @@ Where this leaves a choice, the rule is:
   range. Each node's price is then rounded half to even to a whole micro,
   which keeps it inside its node's interval (whose ends are whole ticks).
 
-The small LPs of the congested case have one variable per binding line.
+The small LPs of the congested case (lambda and one variable per binding
+line and direction) are re-solved by GLOP with changed objectives.
 """
 
 from __future__ import annotations

@@ -150,15 +150,16 @@ def validate(request: ClearingInput, grid: Grid) -> ValidOrders:
     tick = grid.price_tick_micro_per_kwh
     # Prices are below 2**53, so the float quotient rounds to the exact level
     # whenever the price is on the tick; the product check catches the rest.
-    level = np.rint(price * (1.0 / tick)).astype(np.int64)
+    scaled = price * (1.0 / tick)
+    np.rint(scaled, out=scaled)
+    level = scaled.astype(np.int64)
     if not np.array_equal(level * tick, price):
         row = int(np.argmax(level * tick != price))
         raise OrderError(
             request.describe_row(row),
             f"price {int(price[row])} micro per kWh is not on the market's tick of {tick} micro per kWh",
         )
-    if float(energy.sum(dtype=np.float64)) >= MAX_BOOK_ENERGY_WH:
-        raise OrderError("orders", f"the book's total energy reaches 2**52 Wh ({MAX_BOOK_ENERGY_WH})")
+    # (The book's total energy is checked when the steps are summed.)
 
     input_row: IntArray | None = None
     if count > 1 and not bool(np.all(np.greater(sequence[1:], sequence[:-1]))):
@@ -206,9 +207,10 @@ def aggregate(orders: ValidOrders, grid: Grid) -> PriceSteps:
     level = orders.level
     low = int(level.min())
     span = int(level.max()) - low + 1
-    segment = np.asarray(request.node_index, dtype=np.int64) * 2
-    segment += request.is_buy
-    order_key = segment * span
+    # key = (2 * node + is_buy) * span + (level - low), computed in place.
+    order_key = np.multiply(request.node_index, 2, dtype=np.int64)
+    order_key += request.is_buy
+    order_key *= span
     order_key += level
     order_key -= low
     energy = np.asarray(request.energy_wh)
@@ -216,13 +218,15 @@ def aggregate(orders: ValidOrders, grid: Grid) -> PriceSteps:
     order_step: IntArray | None = None
     if cells <= max(_DENSE_CELLS_PER_ORDER * count, _DENSE_CELLS_MIN):
         sums = np.bincount(order_key, weights=energy, minlength=cells)
-        step_key = np.flatnonzero(sums)
+        step_key = np.flatnonzero(sums > 0)
         step_energy = sums[step_key].astype(np.int64)
     else:
         step_key, inverse = np.unique(order_key, return_inverse=True)
         order_step = inverse.astype(np.int64, copy=False)
         step_energy = np.bincount(order_step, weights=energy, minlength=len(step_key)).astype(np.int64)
         cells = 0
+    if float(step_energy.sum(dtype=np.float64)) >= MAX_BOOK_ENERGY_WH:
+        raise OrderError("orders", f"the book's total energy reaches 2**52 Wh ({MAX_BOOK_ENERGY_WH})")
     # Steps are sorted by key: each (node, side) segment is one run; no divisions needed.
     segment_start = np.searchsorted(step_key, np.arange(2 * node_count + 1, dtype=np.int64) * span).astype(
         np.int64
