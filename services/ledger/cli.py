@@ -96,7 +96,8 @@ def _fail(message: str) -> int:
 
 def _verify(args: argparse.Namespace) -> int:
     from services.ledger.adapters.keys import LedgerKeyError, parse_public_key
-    from services.ledger.adapters.sql import LedgerStore, VerificationError
+    from services.ledger.adapters.sql import LedgerStore
+    from services.ledger.domain.audit import VerificationError
     from services.platform.db import DatabaseUrlError, make_engine
 
     url = args.database_url or os.environ.get("P2PGRID_LEDGER_DATABASE_URL", DEFAULT_DATABASE_URL)

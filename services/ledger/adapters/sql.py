@@ -1,19 +1,30 @@
 """The ledger's storage on SQLAlchemy Core (SQLite by default, PostgreSQL in production) and its Python API.
 
-`LedgerStore` is what the service calls: `apply_transfers`, `settle_interval`,
-`balance`, `statement`, `receipt`, `checkpoints`, `consistency_proof` and
-`verify`. Every write runs in one database transaction, the caller's when a
-`connection` is passed (so a consumer can write its inbox row in the same
-transaction), else its own. A batch appends its transfers and their chain
-rows, updates the account totals, checks that all balances sum to zero, stores
-the Merkle nodes it completed and ends with a signed checkpoint.
+`LedgerStore` is what the service calls:
+
+- writes: `apply_transfers` (a batch of transfers), `settle_interval` (one
+  interval from its clearing result and meter energy);
+- for the event consumer: `stage_clearing` and `stage_meter_energy`, called
+  in the consumer's transaction next to its inbox row as events arrive, and
+  `settle_due`, called periodically, which settles every held interval whose
+  clearing result is in and whose metering deadline has passed;
+- reads: `balance`, `balances`, `statement`, `transfer`, `receipt`,
+  `checkpoints`, `latest_checkpoint`, `consistency_proof`, `settled_revisions`;
+- `verify`, which re-derives the whole ledger from its rows.
+
+Every write runs in one database transaction, the caller's when a
+`connection` is passed (`with store.transaction() as conn: ...`), else its
+own. A batch appends its transfers and their chain rows, updates the account
+totals, checks that all balances sum to zero (BalanceInvariantError if not:
+the service must stop), stores the Merkle nodes it completed and ends with a
+signed checkpoint.
 
 The write path is as lean as a bulk insert: the batch is hashed in one Python
 loop, and the rows go to the database in a few statements, multi-row INSERTs
-on SQLite and COPY on PostgreSQL. The store keeps the chain head, the Merkle
-frontier and the account totals in memory and re-reads them whenever the
-database's chain head is not the one it last wrote (another writer, or a
-caller's transaction that rolled back).
+on SQLite and COPY on PostgreSQL (which inserts while this process hashes).
+The store keeps the chain head, the Merkle frontier and the account totals in
+memory and re-reads them whenever the database's chain head is not the one it
+last wrote (another writer, or a caller's transaction that rolled back).
 
 The database refuses UPDATE and DELETE on the append-only tables (triggers
 created by the migration), and `verify` re-derives everything from the rows,
@@ -1079,6 +1090,7 @@ class LedgerStore:
             return self._last_checkpoint(conn)[0]
 
     def checkpoint_at(self, tree_size: int) -> Checkpoint:
+        """The checkpoint of exactly `tree_size` transfers; LookupError if there is none."""
         with self.engine.connect() as conn:
             row = conn.execute(
                 select(checkpoints_table).where(checkpoints_table.c.tree_size == tree_size)
@@ -1353,23 +1365,3 @@ def _checkpoint_from_row(r: Any) -> Checkpoint:
         public_key=bytes(r.public_key),
         signature=bytes(r.signature),
     )
-
-
-def load_signing_key(seed: bytes) -> SigningKey:
-    """An Ed25519 signing key from its 32-byte seed."""
-    if len(seed) != 32:
-        raise ValueError(f"an Ed25519 seed has 32 bytes, got {len(seed)}")
-    return SigningKey(seed)
-
-
-__all__ = [
-    "AccountNotFoundError",
-    "LedgerCorruptError",
-    "LedgerStore",
-    "SettlementError",
-    "SettlementNotDueError",
-    "TransferNotFoundError",
-    "VerificationError",
-    "metadata",
-    "migrate_ledger",
-]
