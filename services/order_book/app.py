@@ -93,7 +93,6 @@ class App:
                 skew_s=settings.token_clock_skew_s,
             )
         )
-        self._writer_stop = asyncio.Event()
         self._relay_stop = asyncio.Event()
         self._writer_task: asyncio.Task[None] | None = None
         self._relay_task: asyncio.Task[None] | None = None
@@ -125,7 +124,7 @@ class App:
 
     async def start(self) -> None:
         ctx = self.ctx
-        ctx.spawn(self.writer.run(self._writer_stop), "order-book-writer")
+        ctx.spawn(self.writer.run(), "order-book-writer")
         self._writer_task = ctx.tasks[-1]
         ctx.spawn(self.relay.run(self._relay_stop), "outbox-relay")
         self._relay_task = ctx.tasks[-1]
@@ -136,7 +135,7 @@ class App:
     async def stop(self) -> None:
         # In-flight calls have finished (or timed out): store what is queued, relay it, then close.
         grace_s = self.ctx.settings.shutdown_grace_s
-        self._writer_stop.set()
+        self.writer.close()
         if self._writer_task is not None:
             await asyncio.wait([self._writer_task], timeout=grace_s)
         self._relay_stop.set()

@@ -11,7 +11,13 @@ in one run:
   calls in flight; `orders_per_s` counts orders accepted and persisted, and
   `ratio` is that over the baseline;
 - `single`: PlaceOrder calls, one order each, with --in-flight calls in
-  flight: `orders_per_s` and latency percentiles.
+  flight: `orders_per_s` and latency percentiles;
+- `unary_baseline`: as many GetParticipant calls (authenticated, nothing
+  stored) at the same concurrency: what one gRPC call costs on this machine
+  in this run, the ceiling for the single-order phase.
+
+`server_cpu_us_per_order` is the order book process's CPU time (all
+threads) per order, which varies less than rates on a shared machine.
 
 Requests are serialised before timing, so the client's share of the two
 shared cores is the gRPC call itself.
@@ -45,6 +51,7 @@ from services.platform.nats_server import NatsServer, env_without_proxy
 NODE = "n1"
 PLACE_ORDER = "/p2pgrid.orderbook.v1.OrderBook/PlaceOrder"
 PLACE_ORDERS = "/p2pgrid.orderbook.v1.OrderBook/PlaceOrders"
+GET_PARTICIPANT = "/p2pgrid.orderbook.v1.OrderBook/GetParticipant"
 
 
 def _line(**fields: Any) -> None:
@@ -207,6 +214,37 @@ async def _single_phase(
     return accepted, elapsed_s, latencies_s
 
 
+def _cpu_s(pid: int) -> float:
+    """CPU seconds (user + system, all threads) a process has used; 0 where /proc is missing."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def _unary_baseline(target: str, key: BotKey, calls: int, in_flight: int) -> tuple[float, list[float]]:
+    """GetParticipant (authenticated, no storage) at the same concurrency: this machine's ceiling for a call."""
+    metadata = (("authorization", f"Bearer {key.token(lifetime_s=3600)}"),)
+    payload = pb.GetParticipantRequest().SerializeToString()
+    latencies_s: list[float] = []
+    async with grpc.aio.insecure_channel(target) as channel:
+        call = channel.unary_unary(
+            GET_PARTICIPANT, request_serializer=None, response_deserializer=pb.Participant.FromString
+        )
+        remaining = iter(range(calls))
+
+        async def worker() -> None:
+            for _ in remaining:
+                t0 = time.perf_counter()
+                await call(payload, metadata=metadata, timeout=30)
+                latencies_s.append(time.perf_counter() - t0)
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(in_flight)))
+        return time.perf_counter() - started, latencies_s
+
+
 def _percentile_ms(values: Sequence[float], q: float) -> float:
     ordered = sorted(values)
     return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000, 3)
@@ -246,9 +284,11 @@ def run(args: argparse.Namespace) -> int:
                     signatures=len(batch_orders),
                     verify_per_s=round(baseline),
                 )
+                cpu_before_s = _cpu_s(process.pid)
                 accepted, elapsed_s = asyncio.run(
                     _batch_phase(target, keys, batch_orders, args.batch_size, args.batch_concurrency)
                 )
+                batch_cpu_s = _cpu_s(process.pid) - cpu_before_s
                 rate = accepted / elapsed_s
                 _line(
                     bench="orders",
@@ -263,10 +303,13 @@ def run(args: argparse.Namespace) -> int:
                     baseline_verify_per_s=round(baseline),
                     ratio=round(rate / baseline, 3),
                     target_ratio=0.6,
+                    server_cpu_us_per_order=round(batch_cpu_s / max(1, accepted) * 1e6, 1),
                 )
+                cpu_before_s = _cpu_s(process.pid)
                 accepted_single, elapsed_single_s, latencies = asyncio.run(
                     _single_phase(target, keys, single_orders, args.in_flight)
                 )
+                single_cpu_s = _cpu_s(process.pid) - cpu_before_s
                 _line(
                     bench="orders",
                     phase="single",
@@ -280,6 +323,20 @@ def run(args: argparse.Namespace) -> int:
                     p99_ms=_percentile_ms(latencies, 0.99),
                     target_orders_per_s=3000,
                     target_p99_ms=10,
+                    server_cpu_us_per_order=round(single_cpu_s / max(1, accepted_single) * 1e6, 1),
+                )
+                baseline_s, baseline_latencies = asyncio.run(
+                    _unary_baseline(target, keys[0], args.single_orders, args.in_flight)
+                )
+                _line(
+                    bench="orders",
+                    phase="unary_baseline",
+                    call="GetParticipant",
+                    in_flight=args.in_flight,
+                    calls=args.single_orders,
+                    calls_per_s=round(args.single_orders / baseline_s),
+                    p50_ms=_percentile_ms(baseline_latencies, 0.50),
+                    p99_ms=_percentile_ms(baseline_latencies, 0.99),
                 )
                 stored = _stored_orders(database_url)
                 _line(bench="orders", phase="check", stored=stored, acknowledged=accepted + accepted_single)

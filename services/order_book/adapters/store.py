@@ -51,9 +51,9 @@ from sqlalchemy import (
 )
 
 from services.domain.errors import AlreadyExists, DomainError, FailedPrecondition, NotFound
-from services.domain.ids import new_id
 from services.gen.p2pgrid.common.v1 import common_pb2
 from services.gen.p2pgrid.events.v1 import events_pb2
+from services.order_book.adapters.ids import OrderIds
 from services.order_book.domain.clearing import (
     ClearingResultRejected,
     FrozenOrder,
@@ -81,7 +81,7 @@ log = logging.getLogger(__name__)
 MIGRATIONS = "services.order_book.adapters.migrations"
 VERSION_TABLE = "alembic_version_order_book"
 PRODUCER = "order_book"
-_IN_CHUNK = 500
+_IN_CHUNK = 400
 
 _big = BigInteger().with_variant(Integer(), "sqlite")
 metadata = MetaData()
@@ -294,9 +294,15 @@ class _Txn:
     """State of one writer transaction: the next sequence, known client ids and rows waiting to be inserted."""
 
     def __init__(
-        self, conn: Connection, cursor: Any, now_s: float, last_seq: int, last_frozen_start_s: int | None
+        self,
+        conn: Connection | None,
+        cursor: Any,
+        now_s: float,
+        last_seq: int,
+        last_frozen_start_s: int | None,
     ) -> None:
-        self.conn = conn
+        # None on the placements-only path, which runs on a bare driver connection.
+        self._conn = conn
         # The driver's own cursor: the hot statements skip SQLAlchemy's per-statement work.
         self.cursor = cursor
         self.now_s = now_s
@@ -307,6 +313,14 @@ class _Txn:
         self.known: dict[tuple[str, str], Row] = {}
         self.pending: list[tuple[Any, ...]] = []
         self.outcome = WriteOutcome()
+
+    @property
+    def conn(self) -> Connection:
+        if self._conn is None:
+            raise RuntimeError(
+                "this transaction runs on a driver connection; SQLAlchemy statements need apply_ops' other path"
+            )
+        return self._conn
 
 
 class BookStore:
@@ -321,10 +335,17 @@ class BookStore:
         mark = "?" if engine.dialect.name == "sqlite" else "%s"
         self._insert_sql = f"INSERT INTO ob_orders ({', '.join(_INSERT_COLUMNS)}) VALUES ({', '.join([mark] * len(_INSERT_COLUMNS))})"
         self._postgres = engine.dialect.name == "postgresql"
-        # SQLite plans a row-value IN as a scan; one participant at a time is an index search.
+        # The writer's own driver connection for placements (see apply_ops).
+        self._raw: Any = None
+        self._id_maker = OrderIds()
+        self._ids: list[str] = []
+        # SQLite plans a row-value IN as a scan; two plain IN lists are an index search.
+        columns = ", ".join(_PREFETCH_COLUMNS)
         self._prefetch_sql = (
-            f"SELECT {', '.join(_PREFETCH_COLUMNS)} FROM ob_orders WHERE participant_id = {mark} AND "
-            + ("client_order_id = ANY(%s)" if self._postgres else "client_order_id IN")
+            f"SELECT {columns} FROM ob_orders WHERE participant_id = ANY(%s) AND client_order_id = ANY(%s)"
+            if self._postgres
+            else f"SELECT {columns} FROM ob_orders WHERE participant_id IN ({{participants}}) "
+            "AND client_order_id IN ({client_ids})"
         )
 
     # Schema and start-up.
@@ -383,6 +404,12 @@ class BookStore:
                 conn.close()
                 raise RuntimeError("another order book writes this database schema")
             time.sleep(0.2)
+
+    def close(self) -> None:
+        """Return the writer's driver connection."""
+        if self._raw is not None:
+            self._raw.close()
+            self._raw = None
 
     def release_writer_lock(self) -> None:
         handle = getattr(self, "_lock_handle", None)
@@ -462,17 +489,18 @@ class BookStore:
         The last sequence and the last frozen interval are kept in memory
         between transactions (this process is the book's only writer, see
         `hold_writer_lock`) and only advance once a transaction committed.
+        A group of placements alone (the hot path) runs on a driver
+        connection the writer keeps, without SQLAlchemy's per-transaction work.
         """
+        if not self.publish_order_events and all(isinstance(op, PlaceOp) for op in ops):
+            return self._apply_placements(ops, now_s)
         with self.engine.begin() as conn:
             cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
             txn = _Txn(conn, cursor, now_s, self._last_seq, self._last_frozen_start_s)
             self._prefetch(txn, ops)
             for op in ops:
                 if isinstance(op, PlaceOp):
-                    op.results = [
-                        self._place(txn, op.participant_id, order, prefix)
-                        for order, prefix in zip(op.orders, op.prefixes, strict=True)
-                    ]
+                    self._place_all(txn, op)
                 elif isinstance(op, AmendOp):
                     self._flush(txn)
                     op.result = self._amend(txn, op)
@@ -483,30 +511,87 @@ class BookStore:
                     self._flush(txn)
                     op.result = self._freeze(txn, op.interval_start_s)
             self._flush(txn)
+        return self._committed(txn)
+
+    def _apply_placements(self, ops: Sequence[Op], now_s: float) -> WriteOutcome:
+        if self._raw is None:
+            self._raw = self.engine.raw_connection()
+        raw = self._raw
+        cursor = raw.cursor()
+        try:
+            if not self._postgres:
+                # The driver runs in autocommit mode (see make_engine): open the transaction ourselves.
+                cursor.execute("BEGIN IMMEDIATE")
+            txn = _Txn(None, cursor, now_s, self._last_seq, self._last_frozen_start_s)
+            self._prefetch(txn, ops)
+            for op in ops:
+                assert isinstance(op, PlaceOp)
+                self._place_all(txn, op)
+            self._flush(txn)
+            if self._postgres:
+                raw.commit()
+            else:
+                cursor.execute("COMMIT")
+        except BaseException:
+            # The connection may be broken: drop it rather than guess its state.
+            self._raw = None
+            try:
+                raw.invalidate()
+            except Exception:
+                log.debug("invalidating the writer connection failed", exc_info=True)
+            raise
+        finally:
+            cursor.close()
+        return self._committed(txn)
+
+    def _next_id(self) -> str:
+        if not self._ids:
+            self._ids = self._id_maker.take(256)
+            self._ids.reverse()
+        return self._ids.pop()
+
+    def _committed(self, txn: _Txn) -> WriteOutcome:
         self._last_seq = txn.last_seq
         self._last_frozen_start_s = txn.last_frozen_start_s
         return txn.outcome
 
+    def _place_all(self, txn: _Txn, op: PlaceOp) -> None:
+        op.results = [
+            self._place(txn, op.participant_id, order, prefix)
+            for order, prefix in zip(op.orders, op.prefixes, strict=True)
+        ]
+
     def _prefetch(self, txn: _Txn, ops: Sequence[Op]) -> None:
-        """Load the stored orders of every (participant, client_order_id) the ops name: one indexed query each."""
-        wanted: dict[str, set[str]] = {}
+        """Load the stored orders of every (participant, client_order_id) the ops name, a few hundred per query.
+
+        The query asks for participant IN (...) AND client_order_id IN (...),
+        which both databases answer from the unique index; rows of the cross
+        product that nobody asked for are dropped.
+        """
+        keys: set[tuple[str, str]] = set()
         for op in ops:
             if isinstance(op, PlaceOp):
-                wanted.setdefault(op.participant_id, set()).update(o.body.client_order_id for o in op.orders)
+                participant_id = op.participant_id
+                keys.update((participant_id, o.body.client_order_id) for o in op.orders)
             elif isinstance(op, AmendOp):
-                wanted.setdefault(op.participant_id, set()).add(op.replacement.body.client_order_id)
-        for participant_id, ids in wanted.items():
-            ordered = sorted(ids)
-            for start in range(0, len(ordered), _IN_CHUNK):
-                chunk = ordered[start : start + _IN_CHUNK]
-                if self._postgres:
-                    txn.cursor.execute(self._prefetch_sql, (participant_id, chunk))
-                else:
-                    marks = ",".join("?" * len(chunk))
-                    txn.cursor.execute(f"{self._prefetch_sql} ({marks})", (participant_id, *chunk))
-                for row in txn.cursor.fetchall():
-                    known = dict(zip(_PREFETCH_COLUMNS, row, strict=True))
-                    txn.known[(participant_id, known["client_order_id"])] = known
+                keys.add((op.participant_id, op.replacement.body.client_order_id))
+        ordered = sorted(keys)
+        for start in range(0, len(ordered), _IN_CHUNK):
+            chunk = ordered[start : start + _IN_CHUNK]
+            participants = sorted({p for p, _c in chunk})
+            client_ids = sorted({c for _p, c in chunk})
+            if self._postgres:
+                txn.cursor.execute(self._prefetch_sql, (participants, client_ids))
+            else:
+                sql = self._prefetch_sql.format(
+                    participants=",".join("?" * len(participants)), client_ids=",".join("?" * len(client_ids))
+                )
+                txn.cursor.execute(sql, (*participants, *client_ids))
+            for row in txn.cursor.fetchall():
+                known = dict(zip(_PREFETCH_COLUMNS, row, strict=True))
+                key = (known["participant_id"], known["client_order_id"])
+                if key in keys:
+                    txn.known[key] = known
 
     def _closed(self, txn: _Txn, interval_start_s: int) -> bool:
         frozen = txn.last_frozen_start_s is not None and interval_start_s <= txn.last_frozen_start_s
@@ -529,7 +614,7 @@ class BookStore:
         if self._closed(txn, body.interval_start_s):
             return self.rules.closed_error(body.interval_start_s, f"{prefix}.interval_start_s")
         txn.last_seq += 1
-        order_id = new_id()
+        order_id = self._next_id()
         row = (
             txn.last_seq,
             order_id,

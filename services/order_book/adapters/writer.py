@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 from services.domain.intervals import Clock
@@ -52,7 +53,10 @@ class BookWriter:
         self.on_commit = on_commit
         self._queue: list[tuple[Op, asyncio.Future[Op]]] = []
         self._wake = asyncio.Event()
+        self._stopping = False
         self._closing = False
+        # One thread holds the writing connection's work; transactions never overlap.
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="book-writer")
 
     async def submit(self, op: OpT) -> OpT:
         """Queue `op` and return it, its result slot filled, once its transaction committed."""
@@ -60,7 +64,8 @@ class BookWriter:
             raise Unavailable("the order book is shutting down; retry with the same client_order_id")
         future: asyncio.Future[Op] = asyncio.get_running_loop().create_future()
         self._queue.append((op, future))
-        self._wake.set()
+        if not self._wake.is_set():
+            self._wake.set()
         await future
         return op
 
@@ -88,37 +93,46 @@ class BookWriter:
         group, self._queue = self._queue[:count], self._queue[count:]
         return group
 
-    async def run(self, stop: asyncio.Event) -> None:
-        """Commit until `stop` is set and the queue is empty."""
-        while True:
-            if not self._queue:
-                if stop.is_set():
-                    self._closing = True
-                    return
-                self._wake.clear()
-                stop_waiter = asyncio.ensure_future(stop.wait())
-                wake_waiter = asyncio.ensure_future(self._wake.wait())
-                await asyncio.wait((stop_waiter, wake_waiter), return_when=asyncio.FIRST_COMPLETED)
-                stop_waiter.cancel()
-                wake_waiter.cancel()
-                continue
-            group = self._take()
-            ops = [op for op, _future in group]
-            try:
-                outcome = await asyncio.to_thread(self.store.apply_ops, ops, self.clock.now_s())
-            except Exception:
-                log.exception("storing %d operations failed; their callers may retry", len(ops))
-                for _op, future in group:
-                    if not future.done():
-                        future.set_exception(
-                            Unavailable(
-                                "the order book could not store this; retry with the same client_order_id"
+    def close(self) -> None:
+        """Stop once the queue is empty; later submissions are refused as UNAVAILABLE."""
+        self._stopping = True
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Commit queued groups until `close()` was called and the queue is empty."""
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                if not self._queue:
+                    if self._stopping:
+                        self._closing = True
+                        return
+                    self._wake.clear()
+                    await self._wake.wait()
+                    continue
+                group = self._take()
+                ops = [op for op, _future in group]
+                try:
+                    outcome = await loop.run_in_executor(
+                        self._thread, self.store.apply_ops, ops, self.clock.now_s()
+                    )
+                except Exception:
+                    log.exception("storing %d operations failed; their callers may retry", len(ops))
+                    for _op, future in group:
+                        if not future.done():
+                            future.set_exception(
+                                Unavailable(
+                                    "the order book could not store this; retry with the same client_order_id"
+                                )
                             )
-                        )
-                await asyncio.sleep(0.05)
-                continue
-            for op, future in group:
-                if not future.done():
-                    future.set_result(op)
-            if self.on_commit is not None:
-                self.on_commit(outcome)
+                    await asyncio.sleep(0.05)
+                    continue
+                for op, future in group:
+                    if not future.done():
+                        future.set_result(op)
+                if self.on_commit is not None:
+                    self.on_commit(outcome)
+        finally:
+            # The writer's driver connection belongs to its thread: close it there.
+            self._thread.submit(self.store.close)
+            self._thread.shutdown(wait=True)

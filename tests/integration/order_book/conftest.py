@@ -43,16 +43,6 @@ def postgres_schema_url(prefix: str) -> tuple[str, str, str]:
     return f"{base}{separator}options={quote(f'-csearch_path={schema}')}", base, schema
 
 
-@pytest.fixture(scope="module")
-def module_nats(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
-    server = NatsServer(store_dir=tmp_path_factory.mktemp("nats"))
-    server.start()
-    try:
-        yield server
-    finally:
-        server.cleanup()
-
-
 @pytest.fixture(scope="module", params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def module_database_url(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
@@ -66,6 +56,17 @@ def module_database_url(
         yield url
     finally:
         drop_schema(base, schema)
+
+
+@pytest.fixture(scope="module")
+def module_nats(tmp_path_factory: pytest.TempPathFactory, module_database_url: str) -> Iterator[NatsServer]:
+    """A nats-server per module and database backend: each backend's run starts from empty streams."""
+    server = NatsServer(store_dir=tmp_path_factory.mktemp("nats"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.cleanup()
 
 
 OrderBookFactory = Callable[..., OrderBookProcess]

@@ -86,7 +86,7 @@ class OrderBookProcess:
         }
         argv = [sys.executable, "-m", "services.order_book"]
         for name, value in args.items():
-            argv += [f"--{name}", value]
+            argv.append(f"--{name}={value}")  # "=": a base64url key may start with "-"
         self.starts += 1
         log = open(self.workdir / "order_book.log", "ab")  # noqa: SIM115 - handed to the child
         self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
