@@ -32,6 +32,7 @@ line and direction) are re-solved by GLOP with changed objectives.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -46,6 +47,8 @@ IntArray = npt.NDArray[np.int64]
 BoolArray = npt.NDArray[np.bool_]
 
 _NO_BOUND = np.iinfo(np.int64).max // 4
+# Relative room around values fixed in the sequence of price LPs.
+_FIX_ROOM = 1e-7
 # GLOP's presolve can misjudge these tiny LPs with nearly fixed rows as infeasible.
 _PRICE_LP_PARAMETERS = "use_preprocessing:false"
 
@@ -178,12 +181,18 @@ def _congested_prices(
         status = solver.Solve()
         if status != pywraplp.Solver.OPTIMAL:
             raise ClearingError(f"no equilibrium prices fit the allocation (LP status {status})")
-        return float(objective.Value())
+        return _snap(float(objective.Value()))
+
+    def fix(variable: Any, value: float, *, at_least: float) -> None:
+        # A little room around a fixed value, so that the next LPs stay feasible
+        # within GLOP's tolerances.
+        room = _FIX_ROOM * max(1.0, abs(value))
+        variable.SetBounds(max(at_least, value - room), value + room)
 
     # 1. The least congestion: minimise the sum of |mu|.
     everything = {c + 1: 1.0 for c in range(mu_count)}
     least = optimise(everything, maximize=False)
-    cap = solver.RowConstraint(-infinity, least + 1e-9 * max(1.0, least), "least congestion")
+    cap = solver.RowConstraint(-infinity, least + _FIX_ROOM * max(1.0, least), "least congestion")
     for variable in nu:
         cap.SetCoefficient(variable, 1.0)
     # 2. lambda at the midpoint of its range.
@@ -193,7 +202,7 @@ def _congested_prices(
         None if lambda_low <= lambda_box[0] + 1e-6 else lambda_low,
         None if lambda_high >= lambda_box[1] - 1e-6 else lambda_high,
     )
-    lam.SetBounds(lambda_value, lambda_value)
+    fix(lam, lambda_value, at_least=-infinity)
     # 3. Each binding line's mu at the midpoint of its range, in line order.
     mu = np.zeros(len(grid.lines))
     for line in binding_lines.tolist():
@@ -203,9 +212,9 @@ def _congested_prices(
         value = (mu_low + mu_high) / 2
         if len(columns) == 1:
             ((column, sign),) = columns.items()
-            nu[column - 1].SetBounds(value * sign, value * sign)
+            fix(nu[column - 1], value * sign, at_least=0.0)
         else:
-            slack = 1e-9 * max(1.0, abs(value))
+            slack = _FIX_ROOM * max(1.0, abs(value))
             fixed = solver.RowConstraint(value - slack, value + slack, "")
             for column, sign in columns.items():
                 fixed.SetCoefficient(nu[column - 1], sign)
@@ -218,6 +227,12 @@ def _congested_prices(
         prices, np.where(bounded_low, low * tick, prices), np.where(bounded_high, high * tick, prices)
     )
     return NodePrices(prices.astype(np.int64), mu * tick, lambda_value * tick)
+
+
+def _snap(value: float) -> float:
+    """A value within a millionth of a whole number is that number (LP dust)."""
+    whole = round(value)
+    return float(whole) if abs(value - whole) < 1e-6 else value
 
 
 def _midpoint(low: float | None, high: float | None) -> float:
