@@ -729,6 +729,8 @@ class BookStore:
             .where(orders_t.c.book_seq == row.book_seq)
             .values(state=int(OrderState.CANCELLED), replaced_by_order_id=receipt.order_id)
         )
+        if self.publish_order_events:
+            self._order_event(txn, row._mapping, events_pb2.ORDER_EVENT_KIND_CANCELLED)
         return receipt
 
     def _freeze(self, txn: _Txn, interval_start_s: int) -> IntervalClosed | None:

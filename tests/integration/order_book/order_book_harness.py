@@ -32,7 +32,7 @@ from services.order_book.client import BotKey, signed_order
 from services.order_book.domain.orders import Side
 from services.platform.nats_bus import NatsBus
 from services.platform.nats_server import free_port
-from services.platform.subjects import CLEARING_REQUEST, CLEARING_RESULT, keyed
+from services.platform.subjects import CLEARING_REQUEST, CLEARING_RESULT, ORDER_EVENTS, keyed
 
 NODES = ("n0", "n1", "n2")
 TICK = 100
@@ -255,6 +255,32 @@ async def _read_requests(nats_url: str, wait_s: float) -> list[tuple[str, events
 def clearing_requests(nats_url: str, wait_s: float = 1.0) -> list[tuple[str, events_pb2.ClearingRequest]]:
     """Every clearing request in the CLEARING stream (with its Nats-Msg-Id), in stream order."""
     return asyncio.run(_read_requests(nats_url, wait_s))
+
+
+async def _read_order_events(nats_url: str, count: int, timeout_s: float) -> list[events_pb2.OrderEvent]:
+    client = await nats.connect(nats_url)
+    try:
+        subscription = await client.jetstream().pull_subscribe(
+            f"{ORDER_EVENTS}.>",
+            stream="ORDERS",
+            config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.NONE),
+        )
+        found: list[events_pb2.OrderEvent] = []
+        deadline = time.monotonic() + timeout_s
+        while len(found) < count and time.monotonic() < deadline:
+            try:
+                msgs = await subscription.fetch(count - len(found), timeout=0.5)
+            except (nats.errors.TimeoutError, TimeoutError):
+                continue
+            found += [events_pb2.OrderEvent.FromString(msg.data) for msg in msgs]
+        return found
+    finally:
+        await client.close()
+
+
+def order_events(nats_url: str, count: int, timeout_s: float = 10.0) -> list[events_pb2.OrderEvent]:
+    """The first `count` order events in the ORDERS stream."""
+    return asyncio.run(_read_order_events(nats_url, count, timeout_s))
 
 
 def wait_for_request(

@@ -10,9 +10,11 @@ from pathlib import Path
 
 import grpc
 import pytest
-from order_book_harness import OrderBookProcess, auth, order, register, stub
+from conftest import OrderBookFactory
+from order_book_harness import OrderBookProcess, auth, order, order_events, register, stub
 from sqlalchemy import Engine, func, select
 
+from services.gen.p2pgrid.events.v1 import events_pb2
 from services.gen.p2pgrid.orderbook.v1 import order_book_pb2 as pb
 from services.gen.p2pgrid.orderbook.v1 import order_book_pb2_grpc as pb_grpc
 from services.order_book.adapters.store import orders_t
@@ -288,3 +290,39 @@ def test_the_client_retries_the_same_request_until_the_order_book_is_back(
         process.stop()
     assert receipt.client_order_id == "retry-1" and receipt.book_seq == 1
     assert time.monotonic() - started < 30
+
+
+def test_order_events_are_published_when_enabled(
+    order_book_factory: OrderBookFactory, sqlite_url: str, nats_server: NatsServer
+) -> None:
+    process = order_book_factory(sqlite_url, extra={"publish-order-events": "true"})
+    channel, book = stub(process.target)
+    key = BotKey.generate()
+    register(book, key, "n1")
+    start_s = process.first_open_s() + 3 * process.interval_s
+    first = book.PlaceOrder(order(key, start_s, client_order_id="e1"), metadata=auth(key))
+    second = (
+        book.PlaceOrders(
+            pb.PlaceOrdersRequest(orders=[order(key, start_s, client_order_id="e2")]), metadata=auth(key)
+        )
+        .results[0]
+        .receipt
+    )
+    amended = book.AmendOrder(
+        pb.AmendOrderRequest(
+            order_id=first.order_id, replacement=order(key, start_s, energy_wh=10, client_order_id="e3")
+        ),
+        metadata=auth(key),
+    )
+    book.CancelOrder(pb.CancelOrderRequest(order_id=second.order_id), metadata=auth(key))
+    channel.close()
+    events = order_events(nats_server.url, count=5)
+    assert [(e.kind, e.order.order_id) for e in events] == [
+        (events_pb2.ORDER_EVENT_KIND_PLACED, first.order_id),
+        (events_pb2.ORDER_EVENT_KIND_PLACED, second.order_id),
+        (events_pb2.ORDER_EVENT_KIND_AMENDED, amended.order_id),
+        (events_pb2.ORDER_EVENT_KIND_CANCELLED, first.order_id),
+        (events_pb2.ORDER_EVENT_KIND_CANCELLED, second.order_id),
+    ]
+    assert all(e.interval_start_s == start_s and e.order.participant_id == key.participant_id for e in events)
+    assert [e.order.book_seq for e in events[:3]] == [first.book_seq, second.book_seq, amended.book_seq]
