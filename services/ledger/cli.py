@@ -72,7 +72,7 @@ def register_bench(bench_subparsers: argparse._SubParsersAction[argparse.Argumen
     )
     bench.add_argument("--database", choices=["sqlite", "postgresql", "both"], default="both")
     bench.add_argument(
-        "--intervals", type=int, default=24, help="intervals of the synthetic day (default 24)"
+        "--intervals", type=int, default=48, help="intervals of the synthetic day (default 48)"
     )
     bench.add_argument("--participants", type=int, default=1000)
     bench.add_argument("--rounds", type=int, default=2, help="best of this many runs (default 2)")
