@@ -18,7 +18,13 @@ from services.ledger.adapters.sql import (
     checkpoints_table,
     transfers_table,
 )
-from services.ledger.domain.ledger import FLAG_CORRECTION, FLAG_ESTIMATED, Status, Transfer
+from services.ledger.domain.ledger import (
+    FLAG_CORRECTION,
+    FLAG_ESTIMATED,
+    BalanceInvariantError,
+    Status,
+    Transfer,
+)
 from services.ledger.domain.merkle import verify_consistency
 from services.ledger.domain.outcomes import SettlementStatus
 from services.ledger.domain.receipt import Receipt, verify_receipt
@@ -289,3 +295,18 @@ def test_two_stores_writing_in_turn_keep_one_chain(
             report.transfers == conn.execute(select(func.count()).select_from(transfers_table)).scalar_one()
         )
     assert report.checkpoints == 6
+
+
+def test_a_batch_after_account_totals_were_damaged_stops_loudly_and_writes_nothing(
+    store: LedgerStore, day: SyntheticDay
+) -> None:
+    store.settle_interval(inputs(day, 0), rules(day))
+    store.apply_transfers([Transfer("side", "utility:default", "grid_operator:default", 5, "manual")])
+    before = count(store, "transfers")
+    with store.engine.begin() as conn:  # behind the ledger's back; accounts are not append-only
+        conn.execute(
+            text("UPDATE accounts SET credits_nano = credits_nano + 1 WHERE account_id = 'market:demo'")
+        )
+    with pytest.raises(BalanceInvariantError, match="not zero"):
+        store.apply_transfers([Transfer("next", "utility:default", "grid_operator:default", 7, "manual")])
+    assert count(store, "transfers") == before

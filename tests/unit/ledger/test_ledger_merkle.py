@@ -8,6 +8,7 @@ import pytest
 
 from services.ledger.domain.merkle import (
     EMPTY_ROOT,
+    CompactRange,
     MerkleFrontier,
     ProofError,
     consistency_proof,
@@ -216,3 +217,28 @@ def test_consistency_proofs_refuse_impossible_sizes() -> None:
     with pytest.raises(ProofError):
         verify_consistency(3, 8, EMPTY_ROOT, EMPTY_ROOT, [])
     verify_consistency(0, 8, EMPTY_ROOT, ref_mth(entries(8)), [])
+
+
+def test_compact_ranges_hashed_apart_and_joined_give_the_whole_tree() -> None:
+    leaves = [leaf_hash(e) for e in entries(777)]
+    whole = MerkleFrontier()
+    whole.extend(leaves, 64, [])
+    for cuts in ([0, 777], [0, 300, 777], [0, 1, 2, 3, 500, 776, 777], [0, 256, 512, 777]):
+        joined = CompactRange(0)
+        completed: list[tuple[int, int, bytes]] = []
+        for begin, end in zip(cuts, cuts[1:], strict=False):
+            part = CompactRange(begin)
+            part.extend(leaves[begin:end], 4, completed)
+            for piece in part.pieces():
+                joined.append_piece(*piece, 4, completed)
+        assert joined.end == 777
+        assert joined.root() == whole.root()
+        assert joined.to_bytes() == whole.to_bytes()
+        assert {(level, index) for level, index, _h in completed} == {
+            (level, index) for level in range(4, 10) for index in range(777 >> level)
+        }
+    part = CompactRange(10)
+    with pytest.raises(ValueError, match="does not start"):
+        part.append_piece(0, 11, leaves[11], 64, [])
+    with pytest.raises(ValueError, match="leaf 0"):
+        part.root()
