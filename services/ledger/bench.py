@@ -209,6 +209,7 @@ def bench_database(
         "driver_ratio": round(transfers_per_s / driver_per_s, 3),
         "driver_baseline": "psycopg COPY" if database == "postgresql" else "sqlite3 executemany",
         "verify_s_per_million": round(verify_s / written * 1e6, 2),
+        "verify_workers": default_verify_workers(),
     }
 
 

@@ -98,14 +98,18 @@ def _verify(args: argparse.Namespace) -> int:
     from services.ledger.adapters.keys import LedgerKeyError, parse_public_key
     from services.ledger.adapters.sql import LedgerStore
     from services.ledger.domain.audit import VerificationError
-    from services.platform.db import DatabaseUrlError, make_engine
+    from services.platform.db import DatabaseUrlError, make_engine, parse_database_url
 
     url = args.database_url or os.environ.get("P2PGRID_LEDGER_DATABASE_URL", DEFAULT_DATABASE_URL)
     try:
         trusted = parse_public_key(args.key) if args.key else None
-        engine = make_engine(url)
+        parsed = parse_database_url(url)
     except (LedgerKeyError, DatabaseUrlError) as exc:
         return _fail(str(exc))
+    if parsed.get_backend_name() == "sqlite" and not Path(parsed.database or "").is_file():
+        # Opening a missing SQLite file would create an empty one.
+        return _fail(f"no ledger database at {parsed.database!r}")
+    engine = make_engine(url)
     last_report = [0.0]
 
     def progress(done: int, total: int) -> None:
