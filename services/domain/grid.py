@@ -30,6 +30,13 @@ Rules (each violation raises `ConsistencyError` naming the element and the rule)
 
 Optional fields: a line's `transformer: true` marks a transformer branch, and
 a line's or node's other fields (`name`, `vn_kv`, ...) are carried through.
+A `utility` mapping describes the upstream utility at its connection point:
+
+    utility: {node: n0, retail_price_per_kwh: "0.30", feed_in_price_per_kwh: "0.08", capacity_w: 400000}
+
+(`node` defaults to the slack; prices on the tick, feed-in <= retail;
+capacity_w is the transformer's). The market turns it into standing orders,
+so the local price always lies between the two tariffs.
 
 Flows are DC and lossless. `ptdf()` is the power transfer distribution factor
 matrix, lines x nodes: entry (l, n) is the flow on line l (positive from its
@@ -57,6 +64,8 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+
+from services.domain.units import UnitError, price_decimal_from_micro, price_micro_from_decimal
 
 FloatArray = npt.NDArray[np.float64]
 
@@ -93,6 +102,17 @@ class Line:
     extra: Mapping[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True, slots=True)
+class Utility:
+    """The upstream utility at its connection point: it sells at the retail tariff and buys at the
+    feed-in tariff, up to the transformer's capacity in either direction."""
+
+    node: str
+    retail_price_micro_per_kwh: int
+    feed_in_price_micro_per_kwh: int
+    capacity_w: int
+
+
 @dataclass(frozen=True, eq=False)
 class Grid:
     """A validated network; build it with `grid_from_dict` or `load_grid`, which check every rule."""
@@ -103,6 +123,7 @@ class Grid:
     interval_minutes: int
     price_tick_micro_per_kwh: int
     extra: Mapping[str, Any] = field(default_factory=dict)
+    utility: Utility | None = None
 
     @cached_property
     def node_ids(self) -> tuple[str, ...]:
@@ -265,12 +286,17 @@ def grid_from_dict(data: Any) -> Grid:
     for position, raw in enumerate(raw_lines):
         lines.append(_line_from_dict(raw, position, seen_nodes, seen_lines))
 
+    utility = (
+        _utility_from_dict(data["utility"], seen_nodes, slack, tick)
+        if data.get("utility") is not None
+        else None
+    )
     extra = {
         k: v
         for k, v in data.items()
-        if k not in {"interval_minutes", "price_tick_micro_per_kwh", "slack", "nodes", "lines"}
+        if k not in {"interval_minutes", "price_tick_micro_per_kwh", "slack", "nodes", "lines", "utility"}
     }
-    grid = Grid(tuple(nodes), tuple(lines), slack, interval_minutes, tick, extra)
+    grid = Grid(tuple(nodes), tuple(lines), slack, interval_minutes, tick, extra, utility)
     _check_connected(grid)
     _check_loop_reactances(grid)
     return grid
@@ -299,8 +325,52 @@ def grid_to_dict(grid: Grid) -> dict[str, Any]:
         "nodes": [{"id": node.id, **node.extra} for node in grid.nodes],
         "lines": lines,
     }
+    if grid.utility is not None:
+        result["utility"] = {
+            "node": grid.utility.node,
+            "retail_price_per_kwh": _price_text(grid.utility.retail_price_micro_per_kwh),
+            "feed_in_price_per_kwh": _price_text(grid.utility.feed_in_price_micro_per_kwh),
+            "capacity_w": grid.utility.capacity_w,
+        }
     result.update(grid.extra)
     return result
+
+
+def _price_text(price_micro_per_kwh: int) -> str:
+    text = format(price_decimal_from_micro(price_micro_per_kwh), "f")
+    return text.rstrip("0").rstrip(".") if "." in text else text
+
+
+def _utility_from_dict(raw: Any, node_ids: set[str], slack: str, tick: int) -> Utility:
+    if not isinstance(raw, Mapping):
+        raise ConsistencyError(
+            "utility", "must be a mapping with retail_price_per_kwh, feed_in_price_per_kwh, capacity_w"
+        )
+    node = _identifier(raw.get("node", slack), "utility.node")
+    if node not in node_ids:
+        raise ConsistencyError("utility", f"node {node!r} is not one of the nodes")
+    prices: dict[str, int] = {}
+    for key in ("retail_price_per_kwh", "feed_in_price_per_kwh"):
+        if key not in raw or isinstance(raw[key], bool):
+            raise ConsistencyError("utility", f"{key} is missing (a price in currency per kWh)")
+        try:
+            prices[key] = price_micro_from_decimal(str(raw[key]), field=f"utility.{key}")
+        except UnitError as exc:
+            raise ConsistencyError("utility", str(exc)) from None
+        if prices[key] % tick:
+            raise ConsistencyError(
+                "utility", f"{key} {raw[key]} is not on the market's tick of {tick} micro per kWh"
+            )
+    if prices["feed_in_price_per_kwh"] > prices["retail_price_per_kwh"]:
+        raise ConsistencyError("utility", "feed_in_price_per_kwh must not exceed retail_price_per_kwh")
+    capacity = raw.get("capacity_w")
+    if isinstance(capacity, float) and capacity.is_integer():
+        capacity = int(capacity)
+    if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0:
+        raise ConsistencyError(
+            "utility", f"capacity_w must be a whole number of watts >= 0, got {capacity!r}"
+        )
+    return Utility(node, prices["retail_price_per_kwh"], prices["feed_in_price_per_kwh"], capacity)
 
 
 def _positive_int(data: Mapping[str, Any], key: str) -> int:

@@ -44,11 +44,7 @@ from services.matcher.domain.model import (
     full_group_steps,
     solve_steps,
 )
-from services.matcher.domain.rules import (
-    check_limits_allow_rounding,
-    rounding_allowance_wh,
-    rounding_margin_wh,
-)
+from services.matcher.domain.rules import rounding_allowance_wh, rounding_margin_wh
 from services.matcher.domain.steps import PriceSteps
 
 FloatArray = npt.NDArray[np.float64]
@@ -82,7 +78,10 @@ class Allocation:
 def allocate(
     steps: PriceSteps, grid: Grid, *, initial_half_width: int = INITIAL_HALF_WIDTH_LEVELS
 ) -> Allocation:
-    """Solve the step LP, apply the volume rule and round to whole Wh within every line limit."""
+    """Solve the step LP, apply the volume rule and round to whole Wh within every line limit.
+
+    A meshed grid must have passed `rules.check_limits_allow_rounding`.
+    """
     true_limits = np.asarray(grid.line_limits_wh, dtype=np.float64)
     allowance = rounding_allowance_wh(grid)
     if grid.is_radial:
@@ -94,7 +93,6 @@ def allocate(
         if allocation is None:
             raise ClearingError("the radial network's LP vertex was not whole (numerical trouble)")
         return allocation
-    check_limits_allow_rounding(grid)
     solution = solve_steps(steps, grid, true_limits, initial_half_width=initial_half_width)
     allocation = _integer_allocation(
         steps, grid, solution, true_limits, true_limits, allowance, tightened=False

@@ -1,7 +1,15 @@
 """The clearing of one interval, in named steps: the matcher's one entry point.
 
-    result = clear(request, grid)          # ClearingInput, Grid -> ClearingResult
-    payload = result_canonical_bytes(result)
+A service (or anything else) clears an interval with
+
+    grid = load_grid(path)                          # once per topology
+    request = ClearingInput.from_orders(orders, grid)   # or the columns directly
+    result = clear(request, grid)                   # -> ClearingResult
+    payload = result_canonical_bytes(result)        # deterministic bytes to publish
+    digest = result_digest(result)                  # sha256 of them, e.g. to detect a redelivery
+
+`clear` is pure and deterministic, so a redelivered request yields the same
+payload; `result_to_json` adds the timings for humans.
 
 Steps: `validate` the columns and put them in book order; `aggregate` orders
 into price steps per (node, side, price); `allocate` solves the step LP with
@@ -27,8 +35,9 @@ from services.matcher.domain.model import INITIAL_HALF_WIDTH_LEVELS
 from services.matcher.domain.orders import ClearingInput
 from services.matcher.domain.prices import set_prices
 from services.matcher.domain.result import ClearingResult
+from services.matcher.domain.rules import check_limits_allow_rounding, with_standing_orders
 from services.matcher.domain.split import split_to_orders
-from services.matcher.domain.steps import aggregate, validate
+from services.matcher.domain.steps import ValidOrders, aggregate, validate
 from services.matcher.domain.trades import decompose
 
 IntArray = npt.NDArray[np.int64]
@@ -42,7 +51,9 @@ def clear(
 ) -> ClearingResult:
     """Clear one interval: welfare-maximising whole-Wh allocation, node prices, trades.
 
-    Raises `OrderError` (a ValueError naming the row and the rule) for bad input.
+    Raises `OrderError` (a ValueError naming the row and the rule) for bad
+    orders and `ConsistencyError` (a ValueError naming the line) for a meshed
+    grid with a line too weak to honour with whole-Wh orders.
     """
     timings: dict[str, float] = {}
 
@@ -53,7 +64,12 @@ def clear(
         return value
 
     started = time.perf_counter()
-    orders = timed("validate_s", lambda: validate(request, grid))
+
+    def validated() -> ValidOrders:
+        check_limits_allow_rounding(grid)
+        return validate(with_standing_orders(request, grid), grid)
+
+    orders = timed("validate_s", validated)
     book = orders.request
     steps = timed("aggregate_s", lambda: aggregate(orders, grid))
     allocation = timed("solve_s", lambda: allocate(steps, grid, initial_half_width=initial_half_width))

@@ -19,6 +19,7 @@ positive from `from` to `to`, to the milliwatt; `binding`;
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -116,6 +117,11 @@ def result_to_dict(result: ClearingResult, *, timings: bool = True) -> dict[str,
 def result_canonical_bytes(result: ClearingResult) -> bytes:
     """The deterministic bytes of a result (no timings): what a service publishes."""
     return canonical_json(result_to_dict(result, timings=False)).encode("utf-8")
+
+
+def result_digest(result: ClearingResult) -> str:
+    """SHA-256 (hex) of the canonical bytes: equal for equal results, whatever the timings."""
+    return hashlib.sha256(result_canonical_bytes(result)).hexdigest()
 
 
 def result_to_json(result: ClearingResult, *, timings: bool = True) -> str:

@@ -15,6 +15,12 @@
   be at least its rounding margin (a loop line with a limit of a few Wh, or
   of zero, cannot be honoured with whole-Wh orders, because loop flows are
   fractions of the injections). Radial networks take any limit, zero included.
+- `with_standing_orders`: a grid with a `utility` gets two standing orders at
+  the utility's node, first in book order: the utility sells up to its
+  transformer's capacity over the interval at the retail tariff
+  (order `utility-retail`) and buys as much at the feed-in tariff
+  (`utility-feed-in`). The local price then always lies between the two
+  tariffs, and a book that crosses completely still has a price set by them.
 """
 
 from __future__ import annotations
@@ -23,6 +29,11 @@ import numpy as np
 import numpy.typing as npt
 
 from services.domain.grid import ConsistencyError, Grid
+from services.matcher.domain.orders import ClearingInput, OrderError
+
+UTILITY_RETAIL_ORDER_ID = "utility-retail"
+UTILITY_FEED_IN_ORDER_ID = "utility-feed-in"
+UTILITY_PARTICIPANT_ID = "utility"
 
 FloatArray = npt.NDArray[np.float64]
 
@@ -72,3 +83,42 @@ def check_limits_allow_rounding(grid: Grid) -> None:
                 f"capacity_w {line.capacity_w} is too small for a meshed network: whole-Wh orders need at "
                 f"least {needed_w} W here ({margins[index]:.3f} Wh per interval) to be allocated within it",
             )
+
+
+def with_standing_orders(request: ClearingInput, grid: Grid) -> ClearingInput:
+    """The book with the utility's two standing orders in front (unchanged without a utility)."""
+    utility = grid.utility
+    if utility is None:
+        return request
+    energy_wh = utility.capacity_w * grid.interval_minutes // 60
+    if energy_wh <= 0:
+        return request
+    for reserved in (UTILITY_RETAIL_ORDER_ID, UTILITY_FEED_IN_ORDER_ID):
+        if reserved in request.order_ids:
+            raise OrderError(
+                f"order {reserved!r}", "this order id is reserved for the utility's standing order"
+            )
+    first = int(np.min(request.sequence)) if len(request) else 0
+    node = grid.node_index[utility.node]
+    return ClearingInput(
+        order_ids=[UTILITY_RETAIL_ORDER_ID, UTILITY_FEED_IN_ORDER_ID, *request.order_ids],
+        participant_ids=[UTILITY_PARTICIPANT_ID, UTILITY_PARTICIPANT_ID, *request.participant_ids],
+        node_index=np.concatenate(
+            (np.array([node, node], dtype=np.int32), np.asarray(request.node_index, dtype=np.int32))
+        ),
+        is_buy=np.concatenate((np.array([False, True]), np.asarray(request.is_buy, dtype=bool))),
+        energy_wh=np.concatenate(
+            (np.array([energy_wh, energy_wh], dtype=np.int64), np.asarray(request.energy_wh))
+        ),
+        price_micro_per_kwh=np.concatenate(
+            (
+                np.array(
+                    [utility.retail_price_micro_per_kwh, utility.feed_in_price_micro_per_kwh], dtype=np.int64
+                ),
+                np.asarray(request.price_micro_per_kwh),
+            )
+        ),
+        sequence=np.concatenate(
+            (np.array([first - 2, first - 1], dtype=np.int64), np.asarray(request.sequence))
+        ),
+    )

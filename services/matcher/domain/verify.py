@@ -4,7 +4,8 @@
 orders, the grid and the result's own numbers, and raises
 `VerificationError` naming the first violation of:
 
-1. orders: every order listed once, 0 <= accepted_wh <= energy_wh, whole Wh;
+1. orders: every order listed once (the utility's standing orders too, see
+   `rules.with_standing_orders`), 0 <= accepted_wh <= energy_wh, whole Wh;
 2. balance: accepted sells = accepted buys;
 3. lines: the flows of the accepted orders (PTDF x net injections) within
    every limit, the reported `flow_w` equal to them and within `capacity_w`;
@@ -43,7 +44,7 @@ import numpy.typing as npt
 from services.domain.grid import Grid
 from services.domain.units import price_decimal_from_micro
 from services.matcher.domain.orders import ClearingInput
-from services.matcher.domain.rules import midpoint_rule, rounding_allowance_wh
+from services.matcher.domain.rules import midpoint_rule, rounding_allowance_wh, with_standing_orders
 
 FloatArray = npt.NDArray[np.float64]
 
@@ -70,6 +71,7 @@ def verify_result(request: ClearingInput, grid: Grid, document: Mapping[str, Any
     for key in ("welfare_nano", "congestion_rent_nano", "nodes", "lines", "orders", "trades"):
         if key not in document:
             raise VerificationError(f"result: the field {key!r} is missing")
+    request = with_standing_orders(request, grid)
     count = len(request)
     order_ids = list(request.order_ids)
     row_of = {order_id: row for row, order_id in enumerate(order_ids)}

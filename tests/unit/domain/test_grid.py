@@ -281,3 +281,50 @@ def test_the_search_tree_of_a_feeder_gives_each_node_the_line_it_hangs_from() ->
     assert order[0] == grid.slack_index
     assert entry[grid.slack_index] == -1
     assert sorted(grid.line_ids[entry[n]] for n in order[1:]) == ["l1", "l2", "l3"]
+
+
+def test_a_utility_at_the_connection_point_is_read_and_written_back() -> None:
+    data = grid_data([line("l1", 0, 1)])
+    data["utility"] = {"retail_price_per_kwh": "0.3", "feed_in_price_per_kwh": 0.08, "capacity_w": 400_000}
+    grid = grid_from_dict(data)
+    assert grid.utility is not None
+    assert (
+        grid.utility.node,
+        grid.utility.retail_price_micro_per_kwh,
+        grid.utility.feed_in_price_micro_per_kwh,
+    ) == (
+        "n0",
+        300_000,
+        80_000,
+    )
+    assert grid_to_dict(grid)["utility"] == {
+        "node": "n0",
+        "retail_price_per_kwh": "0.3",
+        "feed_in_price_per_kwh": "0.08",
+        "capacity_w": 400_000,
+    }
+
+
+@pytest.mark.parametrize(
+    ("utility", "rule"),
+    [
+        ({"retail_price_per_kwh": "0.1", "feed_in_price_per_kwh": "0.2", "capacity_w": 1}, "must not exceed"),
+        (
+            {"retail_price_per_kwh": "0.30005", "feed_in_price_per_kwh": "0.2", "capacity_w": 1},
+            "not on the market's tick",
+        ),
+        ({"feed_in_price_per_kwh": "0.2", "capacity_w": 1}, "retail_price_per_kwh is missing"),
+        (
+            {"retail_price_per_kwh": "0.3", "feed_in_price_per_kwh": "0.2", "capacity_w": -1},
+            "capacity_w must be",
+        ),
+        (
+            {"node": "n9", "retail_price_per_kwh": "0.3", "feed_in_price_per_kwh": "0.2", "capacity_w": 1},
+            "not one of the nodes",
+        ),
+    ],
+)
+def test_a_bad_utility_is_rejected(utility: dict[str, Any], rule: str) -> None:
+    with pytest.raises(ConsistencyError) as caught:
+        grid_from_dict({**grid_data([line("l1", 0, 1)]), "utility": utility})
+    assert caught.value.element == "utility" and rule in caught.value.rule

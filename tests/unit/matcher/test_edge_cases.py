@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from matcher_support import book, grid_from_lines, line, lp_optimum, single_node
 
-from services.domain.grid import ConsistencyError, Grid
+from services.domain.grid import ConsistencyError, Grid, grid_from_dict
 from services.matcher.domain.clearing import clear
-from services.matcher.domain.orders import ClearingInput
+from services.matcher.domain.orders import ClearingInput, OrderError
 from services.matcher.domain.result import ClearingResult, result_to_json
 from services.matcher.domain.verify import verify_result
 
@@ -187,3 +187,55 @@ def test_trades_never_exceed_accepted_buys_plus_sells_minus_one() -> None:
     result = cleared(book(rows, grid), grid)
     traded = int(np.count_nonzero(result.accepted_wh))
     assert 0 < len(result.trade_energy_wh) <= traded - 1
+
+
+def utility_grid(capacity_w: int = 4000) -> Grid:
+    return grid_from_dict(
+        {
+            "interval_minutes": 15,
+            "price_tick_micro_per_kwh": 100,
+            "slack": "n0",
+            "nodes": [{"id": "n0"}],
+            "lines": [],
+            "utility": {
+                "retail_price_per_kwh": "0.30",
+                "feed_in_price_per_kwh": "0.08",
+                "capacity_w": capacity_w,
+            },
+        }
+    )
+
+
+def test_the_utility_sells_at_its_retail_tariff_when_local_supply_runs_short() -> None:
+    grid = utility_grid()
+    result = cleared(
+        book([("b1", "n0", "buy", 600, 350_000), ("s1", "n0", "sell", 200, 100_000)], grid), grid
+    )
+    # 1000 Wh of transformer capacity per interval; 400 Wh come from the utility.
+    assert accepted(result) == {"utility-retail": 400, "utility-feed-in": 0, "b1": 600, "s1": 200}
+    assert result.node_price_micro_per_kwh.tolist() == [300_000]
+
+
+def test_the_utility_buys_surplus_at_its_feed_in_tariff() -> None:
+    grid = utility_grid()
+    result = cleared(book([("s1", "n0", "sell", 700, 50_000), ("b1", "n0", "buy", 100, 200_000)], grid), grid)
+    assert accepted(result) == {"utility-retail": 0, "utility-feed-in": 600, "s1": 700, "b1": 100}
+    assert result.node_price_micro_per_kwh.tolist() == [80_000]
+
+
+def test_with_a_utility_the_price_stays_between_its_tariffs() -> None:
+    grid = utility_grid(capacity_w=400)  # only 100 Wh either way
+    result = cleared(book([("b1", "n0", "buy", 5_000, 900_000)], grid), grid)
+    # The utility's 100 Wh cannot cover the demand: the buy is partly filled and sets the price.
+    assert accepted(result)["b1"] == 100
+    assert result.node_price_micro_per_kwh.tolist() == [900_000]
+    result = cleared(book([("b1", "n0", "buy", 50, 900_000), ("s1", "n0", "sell", 50, 10_000)], grid), grid)
+    # Local orders cross completely; the tariffs bound the admissible interval [0.08, 0.30].
+    assert accepted(result)["b1"] == 50
+    assert result.node_price_micro_per_kwh.tolist() == [190_000]
+
+
+def test_the_utilitys_order_ids_are_reserved() -> None:
+    grid = utility_grid()
+    with pytest.raises(OrderError, match="order 'utility-retail': this order id is reserved"):
+        clear(book([("utility-retail", "n0", "buy", 10, 100_000)], grid), grid)
