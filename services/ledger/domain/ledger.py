@@ -205,13 +205,19 @@ class BatchPlan:
     """Accounts that did not exist before this batch, in first-use order."""
 
 
+def _group_of(transfer: Transfer) -> str:
+    """The transfer's linked group; a malformed one counts as none (the transfer is refused anyway)."""
+    group = transfer.linked_group
+    return group if isinstance(group, str) else ""
+
+
 def _groups(transfers: Sequence[Transfer]) -> list[tuple[int, int]]:
     """Split a batch into [start, end) ranges: one per linked group, one per standalone transfer."""
     ranges = []
     i = 0
     n = len(transfers)
     while i < n:
-        group = transfers[i].linked_group
+        group = _group_of(transfers[i])
         j = i + 1
         if group:
             while j < n and transfers[j].linked_group == group:
@@ -257,7 +263,7 @@ def plan_batch(
 
     for start, end in _groups(transfers):
         members = transfers[start:end]
-        group = members[0].linked_group
+        group = _group_of(members[0])
         problems: dict[int, str] = {}
         repeats = 0
         if group:

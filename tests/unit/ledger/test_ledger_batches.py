@@ -164,3 +164,14 @@ def test_the_entry_encoding_is_canonical_and_parses_back() -> None:
     ]:
         with pytest.raises(TransferError):
             parse_entry(bad)
+
+
+def test_fields_of_the_wrong_type_are_refused_not_crashed_on() -> None:
+    odd = [
+        Transfer(["x"], A, B, 1, "test"),  # type: ignore[arg-type]
+        Transfer("y", A, B, 1, "test", 0, ["g"]),  # type: ignore[arg-type]
+        Transfer("z", A, B, "1", "test"),  # type: ignore[arg-type]
+        t("ok", 3),
+    ]
+    plan = plan_batch(odd, {}, {})
+    assert statuses(plan) == ["rejected", "rejected", "rejected", "created"]
