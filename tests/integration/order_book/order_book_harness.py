@@ -14,9 +14,10 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 import nats
@@ -35,6 +36,7 @@ from services.platform.nats_server import free_port
 from services.platform.subjects import CLEARING_REQUEST, CLEARING_RESULT, ORDER_EVENTS, keyed
 
 NODES = ("n0", "n1", "n2")
+T = TypeVar("T")
 TICK = 100
 
 
@@ -176,7 +178,7 @@ def code_of(call: object) -> grpc.StatusCode:
     try:
         call()  # type: ignore[operator]
     except grpc.RpcError as error:
-        return error.code()  # type: ignore[no-any-return]
+        return error.code()
     return grpc.StatusCode.OK
 
 
@@ -313,9 +315,9 @@ def publish_results(nats_url: str, events: Sequence[events_pb2.ClearingResultEve
     asyncio.run(_publish(nats_url, events))
 
 
-def read_stream(call: Iterator[object], count: int, timeout_s: float) -> list[object]:
+def read_stream(call: grpc.CallIterator[T], count: int, timeout_s: float) -> list[T]:
     """Up to `count` items of a server stream within `timeout_s`; the call is cancelled afterwards."""
-    items: list[object] = []
+    items: list[T] = []
     deadline = time.monotonic() + timeout_s
     try:
         for item in call:
@@ -326,8 +328,18 @@ def read_stream(call: Iterator[object], count: int, timeout_s: float) -> list[ob
         if error.code() not in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
             raise
     finally:
-        call.cancel()  # type: ignore[attr-defined]
+        call.cancel()  # type: ignore[no-untyped-call]
     return items
+
+
+def details(error: grpc.RpcError) -> str:
+    """The status message of a failed call ("" if it has none)."""
+    return error.details() or ""
+
+
+def trailing(error: grpc.RpcError) -> dict[str, str]:
+    pairs: tuple[tuple[str, str], ...] = error.trailing_metadata()  # type: ignore[assignment]
+    return dict(pairs)
 
 
 async def toy_clearing_loop(nats_url: str, stop: asyncio.Event) -> int:

@@ -18,6 +18,7 @@ from order_book_harness import (
     OrderBookProcess,
     auth,
     clearing_requests,
+    details,
     order,
     publish_results,
     read_stream,
@@ -27,6 +28,7 @@ from order_book_harness import (
     wait_for_request,
 )
 
+from services.gen.p2pgrid.common.v1 import common_pb2
 from services.gen.p2pgrid.events.v1 import events_pb2
 from services.gen.p2pgrid.orderbook.v1 import order_book_pb2 as pb
 from services.gen.p2pgrid.orderbook.v1 import order_book_pb2_grpc as pb_grpc
@@ -94,7 +96,7 @@ def test_gate_closure_freezes_the_interval_and_sends_one_clearing_request_of_its
     assert [o.book_seq for o in request.orders] == sorted(o.book_seq for o in request.orders)
     by_id = {o.order_id: o for o in request.orders}
     assert (by_id[new.order_id].energy_wh, by_id[new.order_id].participant_id) == (600, buyer.participant_id)
-    assert by_id[sell.order_id].side == Side.SELL and by_id[sell.order_id].node_id == "n0"
+    assert by_id[sell.order_id].side == common_pb2.SIDE_SELL and by_id[sell.order_id].node_id == "n0"
     ids = [msg_id for msg_id, r in clearing_requests(nats_server.url) if r.interval.start_s == start_s]
     assert ids == [f"clearing-request-{start_s}"]
 
@@ -114,9 +116,8 @@ def test_gate_closure_freezes_the_interval_and_sends_one_clearing_request_of_its
         with pytest.raises(grpc.RpcError) as info:
             call()
         assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-        assert (
-            str(start_s) in info.value.details()
-            and str(start_s - process.gate_closure_s) in info.value.details()
+        assert str(start_s) in details(info.value) and str(start_s - process.gate_closure_s) in details(
+            info.value
         )
     channel.close()
 
@@ -165,7 +166,7 @@ def test_clearing_results_become_fills_streamed_to_their_owners_exactly_once(
     seller_fills = read_stream(
         book.StreamFills(pb.StreamFillsRequest(), metadata=auth(seller), timeout=20), count=3, timeout_s=20
     )
-    assert [(f.order_id, f.accepted_wh, f.price_micro_per_kwh) for f in seller_fills] == [  # type: ignore[attr-defined]
+    assert [(f.order_id, f.accepted_wh, f.price_micro_per_kwh) for f in seller_fills] == [
         (sells[0].order_id, 1000, price),
         (sells[1].order_id, 500, price),
         (sells[2].order_id, 0, price),
@@ -175,7 +176,7 @@ def test_clearing_results_become_fills_streamed_to_their_owners_exactly_once(
     )
     assert [(f.order_id, f.accepted_wh, f.client_order_id, f.energy_wh) for f in buyer_fills] == [
         (buy.order_id, 1500, "b", 1500)
-    ]  # type: ignore[attr-defined]
+    ]
     filled = book.GetOrder(pb.GetOrderRequest(order_id=buy.order_id), metadata=auth(buyer))
     assert (filled.state, filled.accepted_wh, filled.fill_price_micro_per_kwh) == (
         pb.ORDER_STATE_FILLED,
@@ -187,11 +188,11 @@ def test_clearing_results_become_fills_streamed_to_their_owners_exactly_once(
     resumed = read_stream(
         book.StreamFills(
             pb.StreamFillsRequest(after_fill_seq=seller_fills[0].fill_seq), metadata=auth(seller), timeout=3
-        ),  # type: ignore[attr-defined]
+        ),
         count=2,
         timeout_s=3,
     )
-    assert [f.order_id for f in resumed] == [sells[1].order_id, sells[2].order_id]  # type: ignore[attr-defined]
+    assert [f.order_id for f in resumed] == [sells[1].order_id, sells[2].order_id]
 
     # The same event again (redelivery) and a second result for the interval change nothing.
     other = events_pb2.ClearingResultEvent()
@@ -204,23 +205,23 @@ def test_clearing_results_become_fills_streamed_to_their_owners_exactly_once(
     again = read_stream(
         book.StreamFills(pb.StreamFillsRequest(), metadata=auth(seller), timeout=3), count=10, timeout_s=3
     )
-    assert [(f.order_id, f.accepted_wh) for f in again] == [(f.order_id, f.accepted_wh) for f in seller_fills]  # type: ignore[attr-defined]
+    assert [(f.order_id, f.accepted_wh) for f in again] == [(f.order_id, f.accepted_wh) for f in seller_fills]
 
     market = read_stream(
         book.StreamMarketData(pb.StreamMarketDataRequest(), metadata=auth(buyer), timeout=3),
         count=500,
         timeout_s=2,
     )
-    cleared = [m.interval_cleared for m in market if m.WhichOneof("event") == "interval_cleared"]  # type: ignore[attr-defined]
+    cleared = [m.interval_cleared for m in market if m.WhichOneof("event") == "interval_cleared"]
     assert [
         (c.interval_start_s, c.volume_wh, {n.node_id: n.price_micro_per_kwh for n in c.nodes}["n1"])
         for c in cleared
     ] == [(start_s, 1500, price)]
-    closed = [m.interval_closed for m in market if m.WhichOneof("event") == "interval_closed"]  # type: ignore[attr-defined]
+    closed = [m.interval_closed for m in market if m.WhichOneof("event") == "interval_closed"]
     assert (start_s, 4) in {(c.interval_start_s, c.orders) for c in closed}
     opened = [
         m.interval_opened.interval_start_s for m in market if m.WhichOneof("event") == "interval_opened"
-    ]  # type: ignore[attr-defined]
+    ]
     assert opened == sorted(opened) and len(opened) >= 96 and opened[0] > start_s
     channel.close()
 

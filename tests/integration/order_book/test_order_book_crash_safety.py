@@ -241,21 +241,21 @@ def test_acknowledged_orders_survive_sigkills_exactly_once_in_book_and_clearing_
     assert sum(in_requests.values()) == len(rows)
 
     # Acknowledged: exactly once, as acknowledged.
-    for key, receipt in ledger.acked.items():
-        assert stored[key] == 1, key
-        assert (by_key[key].order_id, by_key[key].book_seq) == (receipt.order_id, receipt.book_seq)
-        assert by_key[key].interval_start_s == ledger.interval_of[key]
+    for acked, receipt in ledger.acked.items():
+        assert stored[acked] == 1, acked
+        assert (by_key[acked].order_id, by_key[acked].book_seq) == (receipt.order_id, receipt.book_seq)
+        assert by_key[acked].interval_start_s == ledger.interval_of[acked]
     # Unacknowledged: at most once. Refused: never.
-    assert all(stored[key] <= 1 for key in ledger.unknown)
-    assert not any(stored[key] for key in ledger.refused)
-    unknown_stored = sum(stored[key] for key in ledger.unknown)
+    assert all(stored[k] <= 1 for k in ledger.unknown)
+    assert not any(stored[k] for k in ledger.refused)
+    unknown_stored = sum(stored[k] for k in ledger.unknown)
     report = {
         "seconds": round(elapsed_s, 1),
         "kills": [round(k, 1) for k in kills],
         "orders_sent": ledger.sent,
         "orders_per_s": round(ledger.sent / elapsed_s),
         "acknowledged": len(ledger.acked),
-        "acknowledged_in_book_once": sum(1 for key in ledger.acked if stored[key] == 1),
+        "acknowledged_in_book_once": sum(1 for k in ledger.acked if stored[k] == 1),
         "unacknowledged": len(ledger.unknown),
         "unacknowledged_stored": unknown_stored,
         "unacknowledged_not_stored": len(ledger.unknown) - unknown_stored,

@@ -11,7 +11,7 @@ from pathlib import Path
 import grpc
 import pytest
 from conftest import OrderBookFactory
-from order_book_harness import OrderBookProcess, auth, order, order_events, register, stub
+from order_book_harness import OrderBookProcess, auth, details, order, order_events, register, stub
 from sqlalchemy import Engine, func, select
 
 from services.gen.p2pgrid.events.v1 import events_pb2
@@ -87,8 +87,8 @@ def test_a_repeated_client_order_id_with_a_different_body_is_already_exists(mark
     with pytest.raises(grpc.RpcError) as info:
         market.book.PlaceOrder(changed, metadata=auth(key), timeout=10)
     assert info.value.code() == grpc.StatusCode.ALREADY_EXISTS
-    assert info.value.details().startswith("body.client_order_id: ")
-    assert first.order_id in info.value.details()
+    assert details(info.value).startswith("body.client_order_id: ")
+    assert first.order_id in details(info.value)
     both = market.book.PlaceOrders(
         pb.PlaceOrdersRequest(orders=[order(key, market.open_s, client_order_id="fresh"), changed]),
         metadata=auth(key),
