@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 
 import pytest
 
@@ -226,7 +227,7 @@ def test_compact_ranges_hashed_apart_and_joined_give_the_whole_tree() -> None:
     for cuts in ([0, 777], [0, 300, 777], [0, 1, 2, 3, 500, 776, 777], [0, 256, 512, 777]):
         joined = CompactRange(0)
         completed: list[tuple[int, int, bytes]] = []
-        for begin, end in zip(cuts, cuts[1:], strict=False):
+        for begin, end in itertools.pairwise(cuts):
             part = CompactRange(begin)
             part.extend(leaves[begin:end], 4, completed)
             for piece in part.pieces():
