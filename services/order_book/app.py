@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 from services.gen.p2pgrid.orderbook.v1 import order_book_pb2_grpc as pb_grpc
@@ -41,6 +42,9 @@ class App:
         self._closures = metrics.counter("p2pgrid_gate_closures_total")
         self._fills = metrics.counter("p2pgrid_fills_total")
         self._outbox_pending = metrics.gauge("p2pgrid_outbox_pending")
+        self._live = metrics.gauge("p2pgrid_orders_live")
+        for start_s, count in self.store.live_orders_by_interval().items():
+            self._live.labels(interval=str(start_s)).set(count)
         self.relay = OutboxRelay(self.engine, ctx.bus, metrics=metrics)
         self.writer = BookWriter(
             self.store, ctx.clock, max_orders=settings.write_batch_max_orders, on_commit=self._on_commit
@@ -101,10 +105,15 @@ class App:
         for side, count in outcome.placed.items():
             if count:
                 self._accepted.labels(side=side.name.lower()).inc(count)
+        for start_s, change in outcome.live_delta.items():
+            self._live.labels(interval=str(start_s)).inc(change)
         if outcome.closed:
             self._closures.inc(len(outcome.closed))
             self.feed.publish(outcome.closed)
             for closed in outcome.closed:
+                # A closed interval has no live orders any more.
+                with contextlib.suppress(KeyError):
+                    self._live.remove(str(closed.interval_start_s))
                 log.info(
                     "gate closed",
                     extra={

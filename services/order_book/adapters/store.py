@@ -238,6 +238,8 @@ class WriteOutcome:
     """What a committed transaction changed, for metrics and notifications."""
 
     placed: dict[Side, int] = field(default_factory=lambda: {Side.BUY: 0, Side.SELL: 0})
+    # Change in live orders per interval (placed minus cancelled).
+    live_delta: dict[int, int] = field(default_factory=dict)
     closed: list[IntervalClosed] = field(default_factory=list)
     outbox_events: int = 0
 
@@ -633,6 +635,7 @@ class BookStore:
         txn.known[key] = dict(zip(_INSERT_COLUMNS, row, strict=True))
         txn.pending.append(row)
         txn.outcome.placed[body.side] += 1
+        _count_live(txn, body.interval_start_s, 1)
         return Receipt(order_id, body.client_order_id, txn.last_seq, txn.now_int_s)
 
     def _flush(self, txn: _Txn) -> None:
@@ -729,6 +732,7 @@ class BookStore:
             .where(orders_t.c.book_seq == row.book_seq)
             .values(state=int(OrderState.CANCELLED), replaced_by_order_id=receipt.order_id)
         )
+        _count_live(txn, row.interval_start_s, -1)
         if self.publish_order_events:
             self._order_event(txn, row._mapping, events_pb2.ORDER_EVENT_KIND_CANCELLED)
         return receipt
@@ -818,6 +822,16 @@ class BookStore:
             )
             for r in rows
         ]
+
+    def live_orders_by_interval(self) -> dict[int, int]:
+        """Live orders per interval, for the gauge at start."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(orders_t.c.interval_start_s, func.count())
+                .where(orders_t.c.state == int(OrderState.LIVE))
+                .group_by(orders_t.c.interval_start_s)
+            ).all()
+        return {int(start_s): int(count) for start_s, count in rows}
 
     def recent_interval_events(self, limit: int) -> list[MarketEvent]:
         """The newest `limit` frozen intervals as closed (and cleared) events, oldest first."""
@@ -955,6 +969,11 @@ class BookStore:
                 result_event_id=event_id,
             )
         )
+
+
+def _count_live(txn: _Txn, interval_start_s: int, change: int) -> None:
+    delta = txn.outcome.live_delta
+    delta[interval_start_s] = delta.get(interval_start_s, 0) + change
 
 
 def clearing_request_event_id(interval_start_s: int) -> str:

@@ -10,10 +10,12 @@ order book's tests need from it.
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +58,7 @@ class OrderBookProcess:
     port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
     starts: int = 0
+    metrics_port: int = 0
 
     @property
     def target(self) -> str:
@@ -96,11 +99,17 @@ class OrderBookProcess:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if ready.exists():
+                self.metrics_port = int(json.loads(ready.read_text())["metrics_port"])
                 return self
             if self.process.poll() is not None:
                 raise AssertionError(f"order book exited with {self.process.returncode}:\n{self.log_text()}")
             time.sleep(0.02)
         raise AssertionError(f"order book not ready after {timeout_s} s:\n{self.log_text()}")
+
+    def metrics(self) -> str:
+        """The /metrics text of the running process."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as response:
+            return str(response.read().decode())
 
     def log_text(self) -> str:
         path = self.workdir / "order_book.log"

@@ -102,6 +102,9 @@ def test_gate_closure_freezes_the_interval_and_sends_one_clearing_request_of_its
 
     assert state(book, buyer, new.order_id) == pb.ORDER_STATE_FROZEN
     assert state(book, buyer, later.order_id) == pb.ORDER_STATE_LIVE
+    metrics = process.metrics()
+    assert f'p2pgrid_orders_live{{interval="{start_s + process.interval_s}"}} 1.0' in metrics
+    assert f'p2pgrid_orders_live{{interval="{start_s}"}}' not in metrics
     for call in (
         lambda: book.PlaceOrder(order(buyer, start_s, client_order_id="too-late"), metadata=auth(buyer)),
         lambda: book.CancelOrder(pb.CancelOrderRequest(order_id=new.order_id), metadata=auth(buyer)),
@@ -206,6 +209,17 @@ def test_clearing_results_become_fills_streamed_to_their_owners_exactly_once(
         book.StreamFills(pb.StreamFillsRequest(), metadata=auth(seller), timeout=3), count=10, timeout_s=3
     )
     assert [(f.order_id, f.accepted_wh) for f in again] == [(f.order_id, f.accepted_wh) for f in seller_fills]
+
+    metrics = process.metrics()
+    for line in (
+        'p2pgrid_orders_accepted_total{side="sell"} 3.0',
+        'p2pgrid_orders_accepted_total{side="buy"} 1.0',
+        "p2pgrid_fills_total 4.0",
+    ):
+        assert line in metrics, line
+    assert "p2pgrid_gate_closures_total" in metrics
+    # The interval closed: it has no live-orders series any more.
+    assert f'p2pgrid_orders_live{{interval="{start_s}"}}' not in metrics
 
     market = read_stream(
         book.StreamMarketData(pb.StreamMarketDataRequest(), metadata=auth(buyer), timeout=3),
