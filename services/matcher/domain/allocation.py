@@ -189,8 +189,10 @@ def _integer_allocation(
     ).astype(np.float64)
     shadow = solution.line_shadow_level
     binding_direction = np.where(np.abs(shadow) > DUAL_TOLERANCE_LEVELS, np.sign(shadow), 0.0)
+    # More volume needs a marginal buy and a marginal sell that both have room.
+    room = energy[marginal_steps] - z > VALUE_TOLERANCE_WH
     marginal_buys = steps.is_buy[marginal_steps]
-    if marginal_buys.any() and (~marginal_buys).any():
+    if (room & marginal_buys).any() and (room & ~marginal_buys).any():
         z = _most_volume(steps, grid, marginal_steps, fixed_injection, limits, binding_direction, fallback=z)
 
     injection = fixed_injection + np.bincount(

@@ -230,7 +230,7 @@ def radial_levels(steps: PriceSteps, grid: Grid, limits_wh: FloatArray) -> tuple
         column = (np.arange(span) // bucket)[column]
     # One pass: a (node, side, bucket) table; steps are sorted that way already.
     offset = (steps.node * 2 + steps.is_buy) * width + column
-    table = np.bincount(offset, weights=steps.energy_wh, minlength=2 * node_count * width)
+    table = np.bincount(offset, weights=steps.energy_wh.astype(np.float64), minlength=2 * node_count * width)
     table = table.reshape(node_count, 2, width)
     supply = table[:, 0, :]
     demand = table[:, 1, :]

@@ -39,7 +39,7 @@ class ValidOrders:
     """The input in book order (ascending sequence) with each order's price level."""
 
     request: ClearingInput
-    level: IntArray
+    level: npt.NDArray[np.int32] | IntArray  # 32 bits when the price range allows
     # Position of each book-ordered order in the caller's input.
     input_row: IntArray | None
 
@@ -60,7 +60,7 @@ class PriceSteps:
     # Each order's key and each step's key (sorted, unique); in a dense book
     # (key_cells > 0) keys index a table of key_cells cells, otherwise
     # `order_step` holds each order's step.
-    order_key: IntArray
+    order_key: npt.NDArray[np.int32] | IntArray
     step_key: IntArray
     # Keys are segment * key_span + (level - base_level), segment = 2 * node + is_buy.
     key_span: int
@@ -152,9 +152,12 @@ def validate(request: ClearingInput, grid: Grid) -> ValidOrders:
     # whenever the price is on the tick; the product check catches the rest.
     scaled = price * (1.0 / tick)
     np.rint(scaled, out=scaled)
-    level = scaled.astype(np.int64)
-    if not np.array_equal(level * tick, price):
-        row = int(np.argmax(level * tick != price))
+    # Levels fit 32 bits unless prices are huge against the tick; 32-bit keys are cheaper.
+    narrow = max(abs(int(price.min())), abs(int(price.max()))) // tick < 2**30
+    level: npt.NDArray[np.int32] | IntArray = scaled.astype(np.int32) if narrow else scaled.astype(np.int64)
+    on_tick = np.multiply(level, tick, dtype=np.int64)
+    if not np.array_equal(on_tick, price):
+        row = int(np.argmax(on_tick != price))
         raise OrderError(
             request.describe_row(row),
             f"price {int(price[row])} micro per kWh is not on the market's tick of {tick} micro per kWh",
@@ -175,7 +178,7 @@ def validate(request: ClearingInput, grid: Grid) -> ValidOrders:
             )
         request = request.take(input_row)
         level = level[input_row]
-    return ValidOrders(request, level.astype(np.int64, copy=False), input_row)
+    return ValidOrders(request, level, input_row)
 
 
 def aggregate(orders: ValidOrders, grid: Grid) -> PriceSteps:
@@ -207,23 +210,28 @@ def aggregate(orders: ValidOrders, grid: Grid) -> PriceSteps:
     level = orders.level
     low = int(level.min())
     span = int(level.max()) - low + 1
-    # key = (2 * node + is_buy) * span + (level - low), computed in place.
-    order_key = np.multiply(request.node_index, 2, dtype=np.int64)
+    cells = 2 * node_count * span
+    # key = (2 * node + is_buy) * span + (level - low), computed in place, in
+    # 32 bits when the keys fit.
+    key_type = np.int32 if cells < 2**31 and level.dtype == np.int32 else np.int64
+    order_key = np.multiply(request.node_index, 2, dtype=key_type)
     order_key += request.is_buy
     order_key *= span
     order_key += level
     order_key -= low
     energy = np.asarray(request.energy_wh)
-    cells = 2 * node_count * span
     order_step: IntArray | None = None
     if cells <= max(_DENSE_CELLS_PER_ORDER * count, _DENSE_CELLS_MIN):
-        sums = np.bincount(order_key, weights=energy, minlength=cells)
+        # Float weights given directly: bincount's own conversion of integers is slow.
+        sums = np.bincount(order_key, weights=energy.astype(np.float64), minlength=cells)
         step_key = np.flatnonzero(sums > 0)
         step_energy = sums[step_key].astype(np.int64)
     else:
         step_key, inverse = np.unique(order_key, return_inverse=True)
         order_step = inverse.astype(np.int64, copy=False)
-        step_energy = np.bincount(order_step, weights=energy, minlength=len(step_key)).astype(np.int64)
+        step_energy = np.bincount(
+            order_step, weights=energy.astype(np.float64), minlength=len(step_key)
+        ).astype(np.int64)
         cells = 0
     if float(step_energy.sum(dtype=np.float64)) >= MAX_BOOK_ENERGY_WH:
         raise OrderError("orders", f"the book's total energy reaches 2**52 Wh ({MAX_BOOK_ENERGY_WH})")
