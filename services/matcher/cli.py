@@ -37,7 +37,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     clear.add_argument("--grid", type=Path, help="GRID.yaml (see services/domain/grid.py for the form)")
     clear.add_argument("--out", type=Path, help="where to write RESULT.json (default: standard output)")
     clear.set_defaults(func=_clear, clear_parser=clear)
-    modes = clear.add_subparsers(title="modes", dest="mode", metavar="MODE")
+    modes = clear.add_subparsers(title="modes", dest="mode", metavar="[verify]")
     verify = modes.add_parser(
         "verify",
         help="check a result against the orders and the grid without the solver",

@@ -154,9 +154,8 @@ def _integer_allocation(
         np.where(steps.is_buy[layout.group_first], layout.group_last - 1, layout.group_first),
     )
     candidates = np.concatenate((window, nearest))
-    candidate_values = np.concatenate((values, layout.group_expected_wh * 0.0))
-    # A group's nearest step sits at the group's bound: Q if the group is accepted.
-    candidate_values[len(window) :] = np.where(layout.group_expected_wh > 0, energy[nearest], 0.0)
+    # A group's nearest step sits at the group's bound: its Q if the group is accepted.
+    candidate_values = np.concatenate((values, np.where(layout.group_expected_wh > 0, energy[nearest], 0.0)))
     marginal_mask = (
         np.abs(steps.level[candidates] - solution.node_level[steps.node[candidates]])
         <= DUAL_TOLERANCE_LEVELS * 10

@@ -217,7 +217,7 @@ def radial_levels(steps: PriceSteps, grid: Grid, limits_wh: FloatArray) -> tuple
     """
     node_count = len(grid.nodes)
     base = steps.base_level
-    span = int(steps.level.max()) - base + 1
+    span = steps.key_span
     # The curves live on buckets of price levels: the levels themselves, or
     # ranges of them in a wide book (the estimate then has the bucket's width,
     # which the returned window half width covers).
@@ -264,14 +264,13 @@ def radial_levels(steps: PriceSteps, grid: Grid, limits_wh: FloatArray) -> tuple
 
 def crossing_level(steps: PriceSteps) -> int:
     """Where the book's total supply and demand curves cross, ignoring the grid (the first window's centre)."""
-    low = int(steps.level.min())
-    span = int(steps.level.max()) - low + 1
+    low = steps.base_level
+    span = steps.key_span
     offset = steps.level - low
-    supply = np.cumsum(
-        np.bincount(offset[~steps.is_buy], weights=steps.energy_wh[~steps.is_buy], minlength=span)
-    )
+    energy = steps.energy_wh.astype(np.float64)
+    supply = np.cumsum(np.bincount(offset[~steps.is_buy], weights=energy[~steps.is_buy], minlength=span))
     demand_from_top = np.cumsum(
-        np.bincount(offset[steps.is_buy], weights=steps.energy_wh[steps.is_buy], minlength=span)[::-1]
+        np.bincount(offset[steps.is_buy], weights=energy[steps.is_buy], minlength=span)[::-1]
     )[::-1]
     crossed = np.flatnonzero(supply >= demand_from_top)
     return low + (int(crossed[0]) if crossed.size else span - 1)
@@ -281,8 +280,9 @@ def define_variables(steps: PriceSteps, low: IntArray, high: IntArray, *, certif
     """Columns: y_k for steps inside their node's window [low_n, high_n]; merged groups outside.
 
     0 <= y_k <= Q_k; a group has 0 <= y_g <= sum of its Q_k. Outside a
-    window the groups grow with the distance (3w, 12w, 48w, ... for a window
-    of half width w), so the book near the window keeps its detail.
+    window of half width w the groups end at 3w, 15w, 63w, ... from it when
+    estimating (the book near the window keeps its detail), at 63w, 4095w,
+    ... when certifying (where only the bounds matter).
     A group is priced at its worst case for the expected outcome when
     `certify` (buys above and sells below a window expected accepted, the
     others rejected: the step nearest the window), else at its
