@@ -75,7 +75,7 @@ def register_bench(bench_subparsers: argparse._SubParsersAction[argparse.Argumen
         "--intervals", type=int, default=48, help="intervals of the synthetic day (default 48)"
     )
     bench.add_argument("--participants", type=int, default=1000)
-    bench.add_argument("--rounds", type=int, default=2, help="best of this many runs (default 2)")
+    bench.add_argument("--rounds", type=int, default=3, help="best of this many runs (default 3)")
     bench.add_argument(
         "--postgres-url",
         default=None,
