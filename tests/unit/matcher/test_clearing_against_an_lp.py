@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from matcher_support import books, lp_optimum, meshed_grids, radial_grids, single_node
@@ -48,7 +49,8 @@ def check(request: ClearingInput, grid: Grid, width: int, permutation: list[int]
     )
 
 
-@settings(max_examples=500, deadline=None, suppress_health_check=QUIET)
+@pytest.mark.slow
+@settings(max_examples=700, deadline=None, suppress_health_check=QUIET)
 @given(st.data(), WIDTHS)
 def test_a_single_node_clears_at_the_optimum(data: st.DataObject, width: int) -> None:
     grid = single_node()
@@ -56,7 +58,8 @@ def test_a_single_node_clears_at_the_optimum(data: st.DataObject, width: int) ->
     check(request, grid, width, data.draw(st.permutations(list(range(len(request))))))
 
 
-@settings(max_examples=500, deadline=None, suppress_health_check=QUIET)
+@pytest.mark.slow
+@settings(max_examples=700, deadline=None, suppress_health_check=QUIET)
 @given(st.data(), WIDTHS, st.booleans())
 def test_a_radial_feeder_clears_at_the_whole_wh_optimum(
     data: st.DataObject, width: int, congested: bool
@@ -66,7 +69,8 @@ def test_a_radial_feeder_clears_at_the_whole_wh_optimum(
     check(request, grid, width, data.draw(st.permutations(list(range(len(request))))))
 
 
-@settings(max_examples=900, deadline=None, suppress_health_check=QUIET)
+@pytest.mark.slow
+@settings(max_examples=1300, deadline=None, suppress_health_check=QUIET)
 @given(st.data(), WIDTHS, st.booleans())
 def test_a_meshed_network_clears_within_the_rounding_of_whole_wh(
     data: st.DataObject, width: int, congested: bool
