@@ -5,7 +5,8 @@ clock; its import and export counters are the exact integral of its power,
 so counters always grow consistently with power. A `StaticMeter` serves fixed
 registers, such as a map's test vectors. Faults can be injected at run time:
 no answer (timeout), exception 2 or 4, NaN or sentinel values, a real counter
-reset, or a counter that briefly reads 0 (backwards) or garbage (jump).
+reset, a counter that briefly reads 0 (backwards) or garbage (jump), or an
+answer that comes after the client gave up (slow).
 
 The gateway is a pymodbus 3.16 server built from `SimDevice`/`SimData` with
 separate holding and input register blocks, the gaps between defined
@@ -21,6 +22,7 @@ meters simulate` (see `services/meter_ingest/cli.py`).
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import struct
 from collections.abc import Callable, Sequence
@@ -51,6 +53,8 @@ class FaultKind(StrEnum):
     """Faults a simulated meter can show."""
 
     TIMEOUT = "timeout"
+    # Answers, but only after `slow_s` (longer than the client's timeout: the answer arrives late).
+    SLOW = "slow"
     EXCEPTION_2 = "exception2"
     EXCEPTION_4 = "exception4"
     NAN = "nan"
@@ -176,6 +180,7 @@ class SimulatedMeter:
         self.unit_id = unit_id
         self.faults: dict[FaultKind, _ActiveFault] = {}
         self.reads = 0
+        self.slow_s = 1.0
 
     def inject(self, kind: FaultKind | str, reads: int | None = None) -> None:
         """Start a fault; `reads` limits it to that many reads, None keeps it until `clear`."""
@@ -222,6 +227,8 @@ class SimulatedMeter:
         registers: list[int],
         set_values: list[int] | list[bool] | None,
     ) -> ExcCodes | None:
+        if self._fault_active(FaultKind.SLOW, consume=True):
+            await asyncio.sleep(self.slow_s)
         if self._fault_active(FaultKind.EXCEPTION_2, consume=True):
             return ExcCodes.ILLEGAL_ADDRESS
         if self._fault_active(FaultKind.EXCEPTION_4, consume=True):
@@ -518,6 +525,8 @@ class Gateway:
 
     async def start(self) -> int:
         """Start listening; returns the bound port (useful with port 0)."""
+        # pymodbus logs every client that disconnects mid-answer with a frame dump; that is normal here.
+        logging.getLogger("pymodbus.logging").setLevel(logging.CRITICAL)
         devices = [_device(meter, self.fill_gaps) for meter in self.meters.values()]
         self._server = _Server(self, devices, FRAMERS[self.framer], (self.host, self.port))
         await self._server.serve_forever(background=True)

@@ -119,6 +119,8 @@ class MeterState:
     consecutive_failures: int = 0
     polls: int = 0
     missed_polls: int = 0
+    # Polls that started more than a tenth of the interval after their slot.
+    late_polls: int = 0
     failed_polls: int = 0
     last_ok_at_s: float | None = None
     invalid_values: int = 0
@@ -168,6 +170,7 @@ class _Gateway:
         self.reconnect_delay_s = self.settings.reconnect_initial_s
         self.next_connect_at = 0.0
         self.timeouts_in_row = 0
+        self.stopping = False
         self.meters: dict[str, _Meter] = {}
         units: set[int] = set()
         for m in target.meters:
@@ -412,20 +415,25 @@ class _Gateway:
             return min(math.ldexp(interval, min(excess + 1, 30)), max(self.settings.backoff_max_s, interval))
         return interval
 
-    async def run(self) -> None:
+    async def run(self, phase: float = 0.0) -> None:
+        """Poll until stopped; `phase` in [0, 1) shifts this gateway's slots against the others'."""
         loop = asyncio.get_running_loop()
         now = loop.time()
         count = len(self.meters)
         heap: list[_Meter] = []
         for i, meter in enumerate(self.meters.values()):
-            # Spread first polls over one interval so a gateway's meters are not all due at once.
-            meter.due = now + meter.target.poll_interval_s * i / count
+            # Spread first polls over one interval so a gateway's meters are not all due at once, and
+            # shift gateways against each other so their requests do not reach a shared host in bursts.
+            meter.due = now + meter.target.poll_interval_s * (i + phase) / count
             heapq.heappush(heap, meter)
-        while True:
+        # The flag as well as cancellation: on Python 3.11 a wait_for inside pymodbus can swallow a cancel.
+        while not self.stopping:
             meter = heapq.heappop(heap)
             delay = meter.due - loop.time()
             if delay > 0:
                 await asyncio.sleep(delay)
+            elif -delay > 0.1 * meter.target.poll_interval_s:
+                meter.state.late_polls += 1
             reading = await self.poll(meter)
             await self.poller.sink(reading)
             interval = self._next_interval_s(meter)
@@ -474,6 +482,7 @@ class ModbusPoller:
         return {
             "polls": sum(s.polls for s in states),
             "missed_polls": sum(s.missed_polls for s in states),
+            "late_polls": sum(s.late_polls for s in states),
             "failed_polls": sum(s.failed_polls for s in states),
             "invalid_values": sum(s.invalid_values for s in states),
         }
@@ -486,6 +495,8 @@ class ModbusPoller:
 
     async def stop(self) -> None:
         """Stop polling and close every connection."""
+        for gateway in self._gateways:
+            gateway.stopping = True
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -494,6 +505,7 @@ class ModbusPoller:
         self._tasks = []
         for gateway in self._gateways:
             gateway.close()
+            gateway.stopping = False
 
     async def run(self) -> None:
         """Poll until cancelled; a gateway task that fails stops the poller loudly."""

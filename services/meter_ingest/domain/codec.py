@@ -20,6 +20,8 @@ from dataclasses import dataclass, replace
 from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Literal
 
+import numpy as np
+
 from services.meter_ingest.domain.quantities import QUANTITIES, Number, Quality, QuantityValue
 from services.meter_ingest.domain.register_map import (
     ConfigEffect,
@@ -158,12 +160,8 @@ def _untyped(value: int | float, vtype: ValueType) -> int:
 
 
 def float32_decimal(value: float) -> Decimal:
-    """The shortest decimal that reads back as the same float32."""
-    for digits in range(1, 10):
-        text = f"{value:.{digits}g}"
-        if struct.unpack(">f", struct.pack(">f", float(text)))[0] == value:
-            return Decimal(text)
-    return Decimal(value)  # pragma: no cover - 9 significant digits always round-trip
+    """The shortest decimal that reads back as the same float32 (numpy prints float32 that way)."""
+    return Decimal(str(np.float32(value)))
 
 
 @dataclass(frozen=True, slots=True)
