@@ -30,6 +30,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from google.protobuf.message import DecodeError
 from sqlalchemy import (
     BigInteger,
     Column,
@@ -860,7 +861,12 @@ class BookStore:
 
         Returns the interval's market data and the number of fills stored.
         """
-        event = events_pb2.ClearingResultEvent.FromString(payload)
+        try:
+            event = events_pb2.ClearingResultEvent.FromString(payload)
+        except DecodeError:
+            # A message that cannot be read would be redelivered for ever: record it as seen and log it.
+            log.error("a clearing result that is not a ClearingResultEvent", extra={"event_id": event_id})
+            return None
         result = event.result
         interval_start_s = result.interval.start_s
         interval = conn.execute(

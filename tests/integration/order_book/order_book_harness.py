@@ -324,6 +324,18 @@ def publish_results(nats_url: str, events: Sequence[events_pb2.ClearingResultEve
     asyncio.run(_publish(nats_url, events))
 
 
+async def _publish_raw(nats_url: str, subject: str, payload: bytes, event_id: str) -> None:
+    bus = await NatsBus.connect(nats_url, name="toy-clearing")
+    try:
+        await bus.publish(subject, payload, event_id=event_id)
+    finally:
+        await bus.close()
+
+
+def publish_raw(nats_url: str, subject: str, payload: bytes, event_id: str) -> None:
+    asyncio.run(_publish_raw(nats_url, subject, payload, event_id))
+
+
 def read_stream(call: grpc.CallIterator[T], count: int, timeout_s: float) -> list[T]:
     """Up to `count` items of a server stream within `timeout_s`; the call is cancelled afterwards."""
     items: list[T] = []

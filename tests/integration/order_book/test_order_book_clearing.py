@@ -20,6 +20,7 @@ from order_book_harness import (
     clearing_requests,
     details,
     order,
+    publish_raw,
     publish_results,
     read_stream,
     register,
@@ -35,6 +36,7 @@ from services.gen.p2pgrid.orderbook.v1 import order_book_pb2_grpc as pb_grpc
 from services.order_book.client import BotKey, OrderBookClient
 from services.order_book.domain.orders import Side
 from services.platform.nats_server import NatsServer
+from services.platform.subjects import CLEARING_RESULT, keyed
 
 SPEEDUP = 30.0
 
@@ -240,7 +242,7 @@ def test_clearing_results_become_fills_streamed_to_their_owners_exactly_once(
     channel.close()
 
 
-def test_a_result_computed_on_another_order_set_is_refused_and_the_right_one_still_applies(
+def test_unreadable_results_and_results_for_another_order_set_are_refused_and_the_right_one_still_applies(
     order_book_factory: OrderBookFactory, sqlite_url: str, nats_server: NatsServer
 ) -> None:
     process = order_book_factory(sqlite_url, speedup=SPEEDUP)
@@ -253,6 +255,9 @@ def test_a_result_computed_on_another_order_set_is_refused_and_the_right_one_sti
     wrong = toy_clear(request)
     wrong.result.book_seq_max += 1
     wrong.header.event_id = f"wrong-{start_s}"
+    publish_raw(
+        nats_server.url, keyed(CLEARING_RESULT, start_s), b"\xff not a protobuf", f"garbage-{start_s}"
+    )
     publish_results(nats_server.url, [wrong])
     time.sleep(1.0)
     assert state(book, key, receipt.order_id) == pb.ORDER_STATE_FROZEN
