@@ -85,14 +85,18 @@ def clear(
     # so tick * sum(level * signed a)); congestion rent = what buyers pay minus
     # what sellers get at their node prices; both exact integers.
     step_accepted = allocation.accepted_wh
-    signed = np.where(steps.is_buy, step_accepted, -step_accepted)
-    welfare = _exact_dot(steps.level, signed) * steps.tick_micro_per_kwh
+    total_accepted = int(step_accepted.sum())
+    signed = np.multiply(step_accepted, np.where(steps.is_buy, 1, -1))
+    largest_level = (
+        max(abs(steps.base_level), abs(steps.base_level + steps.key_span - 1)) if len(steps) else 0
+    )
+    welfare = _exact_dot(steps.level, signed, largest_level * total_accepted) * steps.tick_micro_per_kwh
     net_bought = np.bincount(steps.node, weights=signed, minlength=len(grid.nodes)).astype(np.int64)
     congestion_rent = sum(
         int(p) * int(n) for p, n in zip(prices.price_micro_per_kwh.tolist(), net_bought.tolist(), strict=True)
     )
     # Buys and sells balance, so each side is half of all accepted energy.
-    traded = int(step_accepted.sum()) // 2
+    traded = total_accepted // 2
     timings["total_s"] = time.perf_counter() - started
     return ClearingResult(
         interval_minutes=grid.interval_minutes,
@@ -124,11 +128,10 @@ def clear(
     )
 
 
-def _exact_dot(a: IntArray, b: IntArray) -> int:
-    """sum(a * b) exactly: in int64 when it cannot overflow, else in Python integers."""
+def _exact_dot(a: IntArray, b: IntArray, bound: int) -> int:
+    """sum(a * b) exactly, given a bound on its terms' absolute sum: int64 when that fits, else Python integers."""
     if not len(a):
         return 0
-    bound = int(np.abs(a).max()) * int(np.abs(b).sum())
     if bound < _INT64_SAFE:
         return int(np.dot(a, b))
     return sum(int(x) * int(y) for x, y in zip(a.tolist(), b.tolist(), strict=True))

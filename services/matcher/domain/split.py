@@ -24,11 +24,12 @@ def split_to_orders(steps: PriceSteps, step_accepted_wh: IntArray, energy_wh: In
     if not len(energy_wh):
         return np.zeros(0, dtype=np.int64)
     # Per step: 0 rejected, 1 fully accepted, 2 partly accepted.
-    state = np.where(step_accepted_wh == steps.energy_wh, 1, np.where(step_accepted_wh > 0, 2, 0)).astype(
+    state = ((step_accepted_wh > 0).astype(np.int8) * 2 - (step_accepted_wh == steps.energy_wh)).astype(
         np.int8
     )
     order_state = steps.per_order(state)
-    accepted = np.where(order_state == 1, energy_wh, 0)
+    # (A product is much faster than np.where here.)
+    accepted: IntArray = np.multiply(energy_wh, order_state == 1)
     if not (state == 2).any():
         return accepted
     rows = np.flatnonzero(order_state == 2)
