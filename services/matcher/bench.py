@@ -5,8 +5,8 @@ For each instance it prints one JSON line: `n_orders`, `network`,
 columns: validation, aggregation, LP, volume rule and rounding, split,
 prices, trades), `sort_baseline_s` (numpy's argsort of the same prices, in
 the same run), `ratio` = clear_s / sort_baseline_s, and details (steps, LP
-size, binding lines, the time of each clearing step). Both times are the
-best of `--repeat` runs after a warm-up run.
+size, binding lines, the time of each clearing step). After a warm-up run
+the two are timed in turns, `--repeat` times each, and the best of each counts.
 
 Generated instances: sizes 10k, 100k and 1M orders on a single node, a
 meshed 30-node network and a 100-node radial feeder. Prices lie on the
