@@ -74,9 +74,10 @@ class RangeResult:
     """interval_start_s of each transfer of the range, as array('q') bytes."""
 
 
-Row = Sequence[Any]
-"""(transfers.seq, chain.seq, transfer_id, debit_account, credit_account, amount_nano, code,
-interval_start_s, linked_group, flags, chain.transfer_id = transfers.transfer_id, entry_hash, chained_hash)"""
+TransferRow = Sequence[Any]
+"""(seq, transfer_id, debit_account, credit_account, amount_nano, code, interval_start_s, linked_group, flags)"""
+ChainRow = Sequence[Any]
+"""(seq, transfer_id, entry_hash, chained_hash)"""
 
 
 class RangeAuditor:
@@ -112,16 +113,16 @@ class RangeAuditor:
     def failed(self) -> bool:
         return self._failure is not None
 
-    def feed(self, rows: Sequence[Row]) -> None:
-        """Verify the next rows; after a failure the range stops and later rows are ignored."""
+    def feed(self, transfer_rows: Sequence[TransferRow], chain_rows: Sequence[ChainRow]) -> None:
+        """Verify the next rows of both tables (same seq range, in order); after a failure the range stops."""
         if self._failure is not None:
             return
         try:
-            self._feed(rows)
+            self._feed(transfer_rows, chain_rows)
         except VerificationError as e:
             self._failure = (self._seq + 1, str(e))
 
-    def _feed(self, rows: Sequence[Row]) -> None:
+    def _feed(self, transfer_rows: Sequence[TransferRow], chain_rows: Sequence[ChainRow]) -> None:
         sha = hashlib.sha256
         prefix = ENTRY_PREFIX
         seq = self._seq
@@ -133,34 +134,37 @@ class RangeAuditor:
         leaves: list[bytes] = []
         leaf = leaves.append
         try:
-            for r in rows:
+            for t, c in zip(transfer_rows, chain_rows, strict=False):
                 seq += 1
-                if r[0] != seq:
+                if t[0] != seq:
                     raise VerificationError(
-                        f"transfers: no row for seq {seq} (next is {r[0]}): a transfer was deleted or moved"
+                        f"transfers: no row for seq {seq} (next is {t[0]}): a transfer was deleted or moved"
                     )
-                if r[1] != seq:
-                    raise VerificationError(f"chain: no row for seq {seq}: a chain row was deleted or moved")
-                if not r[10]:
+                if c[0] != seq:
                     raise VerificationError(
-                        f"seq {seq}: the chain row names another transfer id than the transfers row: one was changed"
+                        f"chain: no row for seq {seq} (next is {c[0]}): a chain row was deleted or moved"
                     )
-                amount = r[5]
-                if type(amount) is not int or type(r[7]) is not int:
+                if c[1] != t[1]:
+                    raise VerificationError(
+                        f"seq {seq}: the chain row names transfer {c[1]!r}, the transfers row is {t[1]!r}: "
+                        "one was changed"
+                    )
+                amount = t[4]
+                if type(amount) is not int or type(t[6]) is not int:
                     raise VerificationError(
                         f"transfer seq {seq}: amount_nano or interval_start_s is not an integer"
                     )
-                entry = f"{prefix}|{r[2]}|{r[3]}|{r[4]}|{amount}|{r[6]}|{r[7]}|{r[8]}|{r[9]}"
+                entry = f"{prefix}|{t[1]}|{t[2]}|{t[3]}|{amount}|{t[5]}|{t[6]}|{t[7]}|{t[8]}"
                 try:
                     h = sha(b"\x00" + entry.encode("ascii")).digest()
                 except UnicodeEncodeError:
                     raise VerificationError(
                         f"transfer seq {seq}: a field holds non-ASCII characters"
                     ) from None
-                if h != r[11]:
+                if h != c[2]:
                     _explain_entry_mismatch(seq, entry)
                 head = sha(head + h).digest()
-                if head != r[12]:
+                if head != c[3]:
                     raise VerificationError(
                         f"chain seq {seq}: chained hash does not follow from the previous one and the entry hash"
                     )
@@ -170,15 +174,19 @@ class RangeAuditor:
                         f"checkpoint of size {seq}: the chain head differs from the signed one"
                     )
                 leaf(h)
-                debits[r[3]] = debits.get(r[3], 0) + amount
-                credits[r[4]] = credits.get(r[4], 0) + amount
-                intervals.append(r[7])
-                if seq == self.end:
-                    break
+                debits[t[2]] = debits.get(t[2], 0) + amount
+                credits[t[3]] = credits.get(t[3], 0) + amount
+                intervals.append(t[6])
+            if len(transfer_rows) != len(chain_rows):
+                missing = "chain" if len(transfer_rows) > len(chain_rows) else "transfers"
+                raise VerificationError(
+                    f"{missing}: no row for seq {seq + 1}: a {'chain row' if missing == 'chain' else 'transfer'} "
+                    "was deleted or moved"
+                )
         finally:
             # Whatever verified before a failure still counts for the Merkle tree and checkpoints.
             self._append_leaves(leaves)
-        self._seq = seq
+            self._seq += len(leaves)
         self._head = head
 
     def _append_leaves(self, leaves: list[bytes]) -> None:
