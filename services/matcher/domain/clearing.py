@@ -101,6 +101,7 @@ def clear(
     return ClearingResult(
         interval_minutes=grid.interval_minutes,
         order_ids=book.order_ids,
+        participant_ids=book.participant_ids,
         is_buy=np.asarray(book.is_buy),
         node_index=np.asarray(book.node_index),
         accepted_wh=accepted,

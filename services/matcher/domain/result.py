@@ -41,6 +41,7 @@ class ClearingResult:
 
     interval_minutes: int
     order_ids: Sequence[str]
+    participant_ids: Sequence[str]
     is_buy: BoolArray
     node_index: npt.NDArray[np.integer]
     accepted_wh: IntArray
