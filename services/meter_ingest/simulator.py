@@ -121,6 +121,21 @@ class Profile:
         """Net power at the connection point, import positive."""
         return self.load_w(bucket) - self.pv_w(bucket)
 
+    def energy_wh(self, t0_s: float, t1_s: float) -> tuple[float, float]:
+        """Exact (import, export) energy between two simulated instants: power is constant per bucket."""
+        import_wh = export_wh = 0.0
+        t = t0_s
+        while t < t1_s:
+            bucket = int(t // BUCKET_S)
+            step_end = min(t1_s, (bucket + 1) * BUCKET_S)
+            energy_wh = self.power_w(bucket) * (step_end - t) / 3600
+            if energy_wh >= 0:
+                import_wh += energy_wh
+            else:
+                export_wh -= energy_wh
+            t = step_end
+        return import_wh, export_wh
+
 
 class _FastEncoder:
     """Encodes one quantity's canonical value into its words without Decimal (the simulator's hot path)."""
@@ -332,17 +347,11 @@ class ProfileMeter(SimulatedMeter):
         if self._t_s is None:
             self._t_s = now
             return now
-        t = self._t_s
-        while t < now:
-            bucket = int(t // BUCKET_S)
-            step_end = min(now, (bucket + 1) * BUCKET_S)
-            energy_wh = self.profile.power_w(bucket) * (step_end - t) / 3600
-            if energy_wh >= 0:
-                self.import_wh += energy_wh
-            else:
-                self.export_wh -= energy_wh
-            t = step_end
-        self._t_s = max(self._t_s, now)
+        if now > self._t_s:
+            import_wh, export_wh = self.profile.energy_wh(self._t_s, now)
+            self.import_wh += import_wh
+            self.export_wh += export_wh
+            self._t_s = now
         return now
 
     def true_counters_wh(self) -> tuple[float, float]:

@@ -9,8 +9,9 @@ the data reads with the map's plan and decodes them with the pure codec.
 
 Failures become flagged values, never zeros and never a stalled gateway:
 - an exception response flags the values of that read (`exception`, with the
-  code in the detail); a packed read refused with exception 2 is split into
-  one read per field once, so one unsupported register costs only its own value;
+  code in the detail); a packed read refused with exception 2 is probed field by
+  field once, refused fields are then left out (flagged, re-checked with the
+  configuration), so one unsupported register costs only its own value;
 - no answer flags the rest of that meter's poll (`timeout`) and moves on to
   the next meter; on RTU a quiet gap follows, so a late answer cannot be
   taken for the next request's (answers are also checked for function code,
@@ -141,7 +142,9 @@ class _Meter:
     map: RegisterMap | None = None  # anchored (SunSpec) and configured
     fields: list[Field] = field(default_factory=list)
     plan: list[ReadRequest] = field(default_factory=list)
-    split: bool = False
+    # Fields the meter refused with exception 2 when read on their own, and whether that was probed.
+    refused: dict[str, str] = field(default_factory=dict)
+    probed: bool = False
     config_read_at: float | None = None  # loop time
     due: float = 0.0
     sequence: int = 0
@@ -171,6 +174,8 @@ class _Gateway:
         self.next_connect_at = 0.0
         self.timeouts_in_row = 0
         self.stopping = False
+        # One poll at a time per connection, also when `poll_once` runs next to the schedule.
+        self.lock = asyncio.Lock()
         self.meters: dict[str, _Meter] = {}
         units: set[int] = set()
         for m in target.meters:
@@ -331,12 +336,21 @@ class _Gateway:
             meter.notes = notes
             meter.state.notes = notes
             meter.fields = rmap.data_fields(target.quantities)
-            meter.plan = (
-                split_per_field(meter.fields, rmap.transport)
-                if meter.split
-                else plan_reads(meter.fields, rmap.transport)
-            )
+            meter.plan = plan_reads(meter.fields, rmap.transport)
+            meter.refused = {}
+            meter.probed = False
         return None
+
+    def _replan_without_refused(self, meter: _Meter) -> None:
+        """After probing: read the supported fields without spanning any register in between."""
+        assert meter.map is not None
+        meter.probed = True
+        supported = [f for f in meter.fields if f.name not in meter.refused]
+        if supported:
+            meter.plan = plan_reads(supported, meter.map.transport, max_gap_registers=0)
+        else:
+            # Nothing is supported: keep one packed read per poll, as a sign of life.
+            meter.plan = plan_reads(meter.fields, meter.map.transport)
 
     async def poll(self, meter: _Meter) -> MeterReading:
         target = meter.target
@@ -354,7 +368,12 @@ class _Gateway:
         else:
             assert meter.map is not None
             rmap = meter.map
+            started_s = self.poller.clock.now_s()
             pending = list(meter.plan)
+            probing = False
+            for f in meter.fields:
+                if f.name in meter.refused and not any(r.covers(f) for r in pending):
+                    image.fail(f.function, f.address, f.count, Quality.EXCEPTION, meter.refused[f.name])
             while pending:
                 request = pending.pop(0)
                 words = await self.read(request, target.unit)
@@ -369,15 +388,22 @@ class _Gateway:
                     break
                 answered = True
                 inside = [f for f in meter.fields if request.covers(f)]
-                if words.code == 2 and not meter.split and len(inside) > 1:
-                    # A packed read spanning a register the meter refuses: read field by field from now on.
-                    meter.split = True
-                    meter.plan = split_per_field(meter.fields, rmap.transport)
+                if words.code == 2 and not meter.probed and len(inside) > 1:
+                    # A packed read refused: find out field by field which registers the meter lacks.
+                    probing = True
                     pending = split_per_field(inside, rmap.transport) + pending
                     continue
+                if words.code == 2 and probing and len(inside) == 1:
+                    meter.refused[inside[0].name] = (
+                        f"{words.detail}: register not supported (re-checked hourly)"
+                    )
                 image.fail(request.function, request.address, request.count, words.quality, words.detail)
+            if probing:
+                self._replan_without_refused(meter)
             values = decode(rmap, image, names)
         now_s = self.poller.clock.now_s()
+        # The meter sampled its registers somewhere between the first request and the last answer.
+        read_at_s = now_s if failure is not None else (started_s + now_s) / 2
         state = meter.state
         state.polls += 1
         if answered:
@@ -397,7 +423,7 @@ class _Gateway:
         meter.sequence += 1
         return MeterReading(
             meter_id=target.meter_id,
-            read_at_s=now_s,
+            read_at_s=read_at_s,
             values=values,
             status=state.status,
             error=error,
@@ -434,7 +460,8 @@ class _Gateway:
                 await asyncio.sleep(delay)
             elif -delay > 0.1 * meter.target.poll_interval_s:
                 meter.state.late_polls += 1
-            reading = await self.poll(meter)
+            async with self.lock:
+                reading = await self.poll(meter)
             await self.poller.sink(reading)
             interval = self._next_interval_s(meter)
             now = loop.time()
@@ -520,7 +547,8 @@ class ModbusPoller:
         gateway = self._by_meter.get(meter_id)
         if gateway is None:
             raise KeyError(f"unknown meter id {meter_id!r}")
-        return await gateway.poll(gateway.meters[meter_id])
+        async with gateway.lock:
+            return await gateway.poll(gateway.meters[meter_id])
 
     async def close(self) -> None:
         await self.stop()

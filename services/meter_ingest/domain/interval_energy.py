@@ -255,13 +255,17 @@ class IntervalEnergyTracker:
             while start + self.interval_s <= last_t:
                 pending.append(Interval(start, self.interval_s))
                 start += self.interval_s
+            next_start = track.next_start_s
             for energy in interval_energy(segments, pending, self.rules):
+                if energy.interval.start_s != next_start:
+                    break  # never skip an interval: stop at the first one that cannot be computed yet
                 out.append(
                     CounterIntervalEnergy(
                         self.meter_id, name, energy.interval, energy.energy_wh, energy.quality
                     )
                 )
-            track.next_start_s = start
+                next_start = energy.interval.end_s
+            track.next_start_s = next_start
             self._prune(track)
         out.sort(key=lambda e: (e.interval.start_s, e.counter))
         return out
@@ -269,7 +273,8 @@ class IntervalEnergyTracker:
     def _prune(self, track: _Track) -> None:
         assert track.next_start_s is not None
         boundary = float(track.next_start_s)
-        while len(track.segments) > 1 and track.segments[0][1].last_t < boundary:
+        # An older epoch is needed until a newer one covers the boundary (a hole must stay visible).
+        while len(track.segments) > 1 and track.segments[1][1].first_t <= boundary:
             track.segments.pop(0)
         track.segments[0][1].drop_before(boundary)
 

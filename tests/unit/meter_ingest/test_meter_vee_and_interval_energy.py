@@ -291,6 +291,16 @@ def test_intervals_across_two_epochs_sum_to_what_each_epoch_saw(
         return segment.at(hi, rules)[0] - segment.at(lo, rules)[0]
 
     assert sum(e.energy_wh for e in result) == seen(segments[0]) + seen(segments[1])
+    # The tracker, fed point by point across the epoch change, emits exactly the same intervals.
+    tracker = IntervalEnergyTracker("m1", interval_s=300, counters=("energy_import_wh",))
+    emitted = []
+    for epoch, points in enumerate((first, second)):
+        for p in points:
+            tracker.add_points([EpochPoint("energy_import_wh", epoch, p.t_s, p.value_wh)])
+            emitted.extend(tracker.pop_complete())
+    assert [(e.interval, e.energy_wh, e.quality) for e in emitted] == [
+        (e.interval, e.energy_wh, e.quality) for e in result
+    ]
     if not touching:
         hole = [e for e in result if e.interval.start_s < second[0].t_s and e.interval.end_s > first[-1].t_s]
         assert all(e.quality is EnergyQuality.ESTIMATED for e in hole)
