@@ -335,6 +335,7 @@ class BookStore:
         self.publish_order_events = publish_order_events
         self._last_seq = 0
         self._last_frozen_start_s: int | None = None
+        self._resync = False
         mark = "?" if engine.dialect.name == "sqlite" else "%s"
         self._insert_sql = f"INSERT INTO ob_orders ({', '.join(_INSERT_COLUMNS)}) VALUES ({', '.join([mark] * len(_INSERT_COLUMNS))})"
         self._postgres = engine.dialect.name == "postgresql"
@@ -366,10 +367,7 @@ class BookStore:
             if first_s is None:
                 conn.execute(book_state_t.insert().values(id=1, first_interval_start_s=first_open_start_s))
                 first_s = first_open_start_s
-            last_seq = conn.execute(select(func.max(orders_t.c.book_seq))).scalar()
-            last_frozen = conn.execute(select(func.max(intervals_t.c.interval_start_s))).scalar()
-        self._last_seq = int(last_seq or 0)
-        self._last_frozen_start_s = None if last_frozen is None else int(last_frozen)
+        self._read_counters()
         return BookState(self._last_seq, int(first_s), self._last_frozen_start_s)
 
     def hold_writer_lock(self, timeout_s: float = 15.0) -> None:
@@ -495,8 +493,27 @@ class BookStore:
         A group of placements alone (the hot path) runs on a driver
         connection the writer keeps, without SQLAlchemy's per-transaction work.
         """
-        if not self.publish_order_events and all(isinstance(op, PlaceOp) for op in ops):
-            return self._apply_placements(ops, now_s)
+        if self._resync:
+            self._read_counters()
+        try:
+            if not self.publish_order_events and all(isinstance(op, PlaceOp) for op in ops):
+                return self._apply_placements(ops, now_s)
+            return self._apply_any(ops, now_s)
+        except BaseException:
+            # A commit that failed may still have happened (a connection lost after COMMIT was sent):
+            # read the counters back before handing out the next sequence.
+            self._resync = True
+            raise
+
+    def _read_counters(self) -> None:
+        with self.engine.connect() as conn:
+            last_seq = conn.execute(select(func.max(orders_t.c.book_seq))).scalar()
+            last_frozen = conn.execute(select(func.max(intervals_t.c.interval_start_s))).scalar()
+        self._last_seq = int(last_seq or 0)
+        self._last_frozen_start_s = None if last_frozen is None else int(last_frozen)
+        self._resync = False
+
+    def _apply_any(self, ops: Sequence[Op], now_s: float) -> WriteOutcome:
         with self.engine.begin() as conn:
             cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
             txn = _Txn(conn, cursor, now_s, self._last_seq, self._last_frozen_start_s)
@@ -536,15 +553,15 @@ class BookStore:
             else:
                 cursor.execute("COMMIT")
         except BaseException:
-            # The connection may be broken: drop it rather than guess its state.
+            # The connection may be broken or mid-transaction: drop it rather than guess its state.
             self._raw = None
             try:
+                cursor.close()
                 raw.invalidate()
             except Exception:
-                log.debug("invalidating the writer connection failed", exc_info=True)
+                log.debug("dropping the writer connection failed", exc_info=True)
             raise
-        finally:
-            cursor.close()
+        cursor.close()
         return self._committed(txn)
 
     def _next_id(self) -> str:
