@@ -45,8 +45,10 @@ def decompose(accepted_wh: IntArray, is_buy: BoolArray) -> Trades:
     if not len(buys) or not len(sells):
         empty = np.zeros(0, dtype=np.int64)
         return Trades(empty, empty, empty)
-    buy_ends = np.cumsum(accepted_wh[buys])
-    sell_ends = np.cumsum(accepted_wh[sells])
+    buy_ends = accepted_wh[buys]
+    np.cumsum(buy_ends, out=buy_ends)
+    sell_ends = accepted_wh[sells]
+    np.cumsum(sell_ends, out=sell_ends)
     if buy_ends[-1] != sell_ends[-1]:
         raise ValueError(f"buys ({int(buy_ends[-1])} Wh) and sells ({int(sell_ends[-1])} Wh) do not balance")
     # Merge both sides' cuts, with the side in the lowest bit (a buy's cut
@@ -57,7 +59,7 @@ def decompose(accepted_wh: IntArray, is_buy: BoolArray) -> Trades:
     np.left_shift(sell_ends, 1, out=cuts[len(buys) :])
     cuts[len(buys) :] |= 1
     cuts.sort(kind="stable")
-    is_sell_cut = cuts & 1
+    is_sell_cut = (cuts & 1).astype(np.bool_)
     cuts >>= 1
     length = np.empty_like(cuts)
     length[0] = cuts[0]
@@ -65,7 +67,7 @@ def decompose(accepted_wh: IntArray, is_buy: BoolArray) -> Trades:
     # A piece belongs to the buy and the sell whose cuts it has not passed yet:
     # the sells cut before it, and the buys cut before it (all cuts before it
     # minus the sells').
-    sells_before = np.cumsum(is_sell_cut)
+    sells_before = np.cumsum(is_sell_cut, dtype=np.int64 if len(cuts) >= 2**31 else np.int32)
     sells_before -= is_sell_cut
     pieces = np.flatnonzero(length)
     sellers = sells_before[pieces]
