@@ -45,16 +45,15 @@ def clearing_input(
 
 def result_message(
     result: ClearingResult,
-    request: ClearingInput,
     grid: Grid,
     interval: common_pb2.Interval,
     book_seq_max: int,
 ) -> common_pb2.ClearingResult:
     """The protobuf result, with participants and nodes on every trade so consumers need no order lookup."""
     node_ids = grid.node_ids
-    order_row = {order_id: row for row, order_id in enumerate(request.order_ids)}
-    participants = list(request.participant_ids)
-    nodes_of_rows = request.node_index
+    # The result's own columns include the utility's standing orders, which the request does not have.
+    participants = list(result.participant_ids)
+    nodes_of_rows = result.node_index.tolist()
     message = common_pb2.ClearingResult(
         interval=interval,
         book_seq_max=book_seq_max,
@@ -98,16 +97,15 @@ def result_message(
         result.trade_energy_wh.tolist(),
         strict=True,
     ):
-        buyer_row, seller_row = order_row[order_ids[buyer]], order_row[order_ids[seller]]
         message.trades.append(
             common_pb2.Trade(
                 buyer_order_id=order_ids[buyer],
                 seller_order_id=order_ids[seller],
                 energy_wh=int(energy),
-                buyer_participant_id=participants[buyer_row],
-                seller_participant_id=participants[seller_row],
-                buyer_node_id=node_ids[int(nodes_of_rows[buyer_row])],
-                seller_node_id=node_ids[int(nodes_of_rows[seller_row])],
+                buyer_participant_id=participants[buyer],
+                seller_participant_id=participants[seller],
+                buyer_node_id=node_ids[nodes_of_rows[buyer]],
+                seller_node_id=node_ids[nodes_of_rows[seller]],
             )
         )
     return message

@@ -58,7 +58,7 @@ class Clearing:
             result = clear(request, grid)
         except OrderError as exc:
             raise InvalidArgument(exc.rule, field=exc.where) from None
-        message = result_message(result, request, grid, interval, book_seq_max)
+        message = result_message(result, grid, interval, book_seq_max)
         if record:
             self._record(message)
         return message
