@@ -166,7 +166,7 @@ async def _poll(
 def run_poll_bench(
     *,
     map_name: str = "eastron_sdm630_v2",
-    meters: int = 1000,
+    meters: int = 1100,
     gateways: int = 50,
     interval_s: float = 1.0,
     duration_s: float = 20.0,

@@ -87,9 +87,17 @@ def register_bench(bench_subparsers: argparse._SubParsersAction[argparse.Argumen
         "lines: a raw pymodbus read-loop baseline, then polls_per_s and missed_pct of the poller (with validation).",
     )
     bench.add_argument("--map", default="eastron_sdm630_v2")
-    bench.add_argument("--meters", type=int, default=1000, help="simulated meters in total")
     bench.add_argument(
-        "--gateways", type=int, default=10, help="gateways (connections) the meters are spread over"
+        "--meters",
+        type=int,
+        default=1100,
+        help="simulated meters in total (1,100 at 1 s offer 1,100 polls/s)",
+    )
+    bench.add_argument(
+        "--gateways",
+        type=int,
+        default=50,
+        help="gateways (connections) the meters are spread over (20 meters each)",
     )
     bench.add_argument("--interval", type=float, default=1.0, help="poll interval per meter, seconds")
     bench.add_argument("--duration", type=float, default=20.0, help="measured seconds")
