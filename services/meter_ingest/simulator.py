@@ -143,7 +143,7 @@ class _FastEncoder:
     def __init__(self, quantity: Quantity, exponent: int) -> None:
         self.quantity = quantity
         f = quantity.field
-        self.offset_type = f.type
+        self.vtype = f.type
         self.factor = 1.0 / float(quantity.scale * quantity.sign * Decimal(10) ** exponent)
         self.count = f.count
         self.encoding = f.encoding
@@ -158,7 +158,7 @@ class _FastEncoder:
         if value is None or math.isnan(value):
             return self.invalid_words
         raw_value = value * self.factor
-        vtype = self.offset_type
+        vtype = self.vtype
         if vtype is ValueType.FLOAT32:
             raw = int.from_bytes(struct.pack(">f", raw_value), "big")
         elif vtype is ValueType.FLOAT64:
@@ -315,11 +315,8 @@ class ProfileMeter(SimulatedMeter):
             if config.marker is not None:
                 raw = int.from_bytes(struct.pack(">f", config.marker), "big")
             else:
-                setting = next(
-                    k
-                    for k, v in config.values.items()
-                    if v == self.map.quantities[config.applies_to[0]].scale
-                )
+                current = self.map.quantities[config.applies_to[0]].scale
+                setting = next((k for k, v in config.values.items() if v == current), min(config.values))
                 raw = (
                     int.from_bytes(struct.pack(">f", float(setting)), "big")
                     if f.type.is_float

@@ -145,7 +145,7 @@ class _Meter:
     # Fields the meter refused with exception 2 when read on their own, and whether that was probed.
     refused: dict[str, str] = field(default_factory=dict)
     probed: bool = False
-    config_read_at: float | None = None  # loop time
+    prepared_at: float | None = None  # loop time of the last discovery and configuration
     due: float = 0.0
     sequence: int = 0
     notes: tuple[str, ...] = ()
@@ -219,7 +219,7 @@ class _Gateway:
             self.reconnect_delay_s = self.settings.reconnect_initial_s
             self.timeouts_in_row = 0
             for meter in self.meters.values():
-                meter.config_read_at = None  # a reconnect may mean a replaced or reconfigured device
+                meter.prepared_at = None  # a reconnect may mean a replaced or reconfigured device
             return True
         client.close()
         self.next_connect_at = loop.time() + self.reconnect_delay_s
@@ -292,13 +292,9 @@ class _Gateway:
         loop_time = asyncio.get_running_loop().time()
         target = meter.target
         base = target.register_map
-        if meter.map is None or (
-            base.config_registers
-            and (
-                meter.config_read_at is None
-                or loop_time - meter.config_read_at > self.settings.config_refresh_s
-            )
-        ):
+        stale = meter.prepared_at is None or loop_time - meter.prepared_at > self.settings.config_refresh_s
+        # Configuration and refused registers are re-checked now and then; a reconnect clears prepared_at.
+        if meter.map is None or ((base.config_registers or meter.refused) and stale):
             rmap = base
             if base.sunspec is not None:
                 walk = discover(base.sunspec)
@@ -331,7 +327,6 @@ class _Gateway:
                         image.put(request.function, request.address, words)
                 configured = configure(rmap, image)
                 rmap, notes = configured.map, configured.notes
-                meter.config_read_at = loop_time
             meter.map = rmap
             meter.notes = notes
             meter.state.notes = notes
@@ -339,6 +334,7 @@ class _Gateway:
             meter.plan = plan_reads(meter.fields, rmap.transport)
             meter.refused = {}
             meter.probed = False
+            meter.prepared_at = loop_time
         return None
 
     def _replan_without_refused(self, meter: _Meter) -> None:

@@ -272,10 +272,11 @@ class MeterValidator:
     def _check_counter(
         self, name: str, value: QuantityValue, t: float
     ) -> tuple[QuantityValue, int | None, bool]:
-        assert isinstance(value.value, int)
+        raw = value.value
+        if not isinstance(raw, int) or isinstance(raw, bool):
+            raise TypeError(f"{self.meter_id} {name}: energy counters are whole Wh, got {raw!r}")
         state = self._counters.setdefault(name, _CounterState())
         limits = self.limits.get(name, QuantityLimits())
-        raw = value.value
         unwrapped = raw + state.offset_wh
         if state.last_wh is None or state.last_t is None:
             state.last_wh, state.last_t = unwrapped, t
