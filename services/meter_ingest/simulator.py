@@ -46,6 +46,8 @@ SUNSPEC_BASE = 40000
 SUNSPEC_COMMON_LENGTH = 65
 SUNSPEC_MODEL_ADDRESS = SUNSPEC_BASE + 2 + 2 + SUNSPEC_COMMON_LENGTH  # 40069, as Fronius places it
 BUCKET_S = 10  # power is constant within a 10-second bucket of simulated time
+# What a household connection never exceeds: sets SunSpec scale factors to household resolution.
+HOUSEHOLD_MAXIMA = {"W": 30_000.0, "A": 150.0, "V": 300.0, "Hz": 65.0}
 SECONDS_PER_DAY = 86_400
 
 
@@ -295,7 +297,7 @@ class ProfileMeter(SimulatedMeter):
         if rmap.sunspec is not None:
             rmap, self.frame = _sunspec_frame(rmap)
         self.map = rmap
-        exponents = {name: scale_factor_for(rmap, name) for name in rmap.scale_factors}
+        exponents = {name: scale_factor_for(rmap, name, HOUSEHOLD_MAXIMA) for name in rmap.scale_factors}
         self._scale_factor_blocks = [
             RegisterBlock(f.function, f.address, tuple(raw_to_words(exponents[name] & 0xFFFF, 1, f.encoding)))
             for name, f in rmap.scale_factors.items()

@@ -334,15 +334,24 @@ def encode_quantity(quantity: Quantity, value: Number, scale_factor: int = 0) ->
     return words
 
 
-def scale_factor_for(rmap: RegisterMap, sf_name: str) -> int:
-    """The smallest power-of-ten exponent at which every quantity using `sf_name` fits its type."""
+def scale_factor_for(
+    rmap: RegisterMap, sf_name: str, largest_by_unit: Mapping[str, float] | None = None
+) -> int:
+    """The smallest power-of-ten exponent at which every quantity using `sf_name` fits its type.
+
+    Magnitudes come from the quantities' plausible ranges, capped per unit by
+    `largest_by_unit` (a household meter never sees the 3 MW a range allows).
+    """
+    caps = largest_by_unit or {}
     exponent = -10
     for quantity in rmap.quantities.values():
         if quantity.scale_factor != sf_name or quantity.range is None:
             continue
         bits = 16 * quantity.field.type.register_count
         limit = (1 << (bits - 1)) - 1 if quantity.field.type.is_signed else (1 << bits) - 2
-        largest = Decimal(repr(max(abs(quantity.range[0]), abs(quantity.range[1])))) / quantity.scale
+        magnitude = max(abs(quantity.range[0]), abs(quantity.range[1]))
+        magnitude = min(magnitude, caps.get(quantity.unit, magnitude))
+        largest = Decimal(repr(magnitude)) / quantity.scale
         e = -10
         while e < 10 and largest.scaleb(-e) > limit:
             e += 1
