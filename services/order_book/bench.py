@@ -344,9 +344,11 @@ def _run(args: argparse.Namespace, database_url: str) -> int:
                     target_p99_ms=10,
                     server_cpu_us_per_order=round(single_cpu_s / max(1, accepted_single) * 1e6, 1),
                 )
+                cpu_before_s = _cpu_s(process.pid)
                 baseline_s, baseline_latencies = asyncio.run(
                     _unary_baseline(target, keys[0], args.single_orders, args.in_flight)
                 )
+                baseline_cpu_s = _cpu_s(process.pid) - cpu_before_s
                 _line(
                     bench="orders",
                     phase="unary_baseline",
@@ -356,6 +358,7 @@ def _run(args: argparse.Namespace, database_url: str) -> int:
                     calls_per_s=round(args.single_orders / baseline_s),
                     p50_ms=_percentile_ms(baseline_latencies, 0.50),
                     p99_ms=_percentile_ms(baseline_latencies, 0.99),
+                    server_cpu_us_per_call=round(baseline_cpu_s / max(1, args.single_orders) * 1e6, 1),
                 )
                 stored = _stored_orders(database_url)
                 _line(bench="orders", phase="check", stored=stored, acknowledged=accepted + accepted_single)
