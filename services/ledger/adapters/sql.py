@@ -96,7 +96,9 @@ from services.ledger.domain.settlement import (
     ClearingResult,
     MeterEnergy,
     MeterQuality,
+    MeterReading,
     SettlementConflictError,
+    SettlementInputError,
     SettlementInputs,
     SettlementPlan,
     SettlementRules,
@@ -104,11 +106,14 @@ from services.ledger.domain.settlement import (
     clearing_to_json,
     meter_state_from_json,
     meter_state_to_json,
+    participant_energy,
     plan_first_settlement,
     plan_resettlement,
+    plan_restaged_settlement,
     settlement_due_s,
     validate_inputs,
     validate_meter_energy,
+    validate_meter_readings,
 )
 from services.platform.db import migrate
 
@@ -202,6 +207,18 @@ staged_meter_energy_table = Table(
     Column("market_id", String(100), primary_key=True),
     Column("interval_start_s", BigInteger(), primary_key=True, autoincrement=False),
     Column("participant_id", String(100), primary_key=True),
+    Column("import_wh", BigInteger(), nullable=False),
+    Column("export_wh", BigInteger(), nullable=False),
+    Column("quality", SmallInteger(), nullable=False),
+    Column("received_at_ms", BigInteger(), nullable=False),
+)
+staged_meter_readings_table = Table(
+    "staged_meter_readings",
+    metadata,
+    Column("market_id", String(100), primary_key=True),
+    Column("interval_start_s", BigInteger(), primary_key=True, autoincrement=False),
+    Column("meter_id", String(100), primary_key=True),
+    Column("participant_id", String(100), nullable=False),
     Column("import_wh", BigInteger(), nullable=False),
     Column("export_wh", BigInteger(), nullable=False),
     Column("quality", SmallInteger(), nullable=False),
@@ -717,8 +734,15 @@ class LedgerStore:
             return self._settle(conn, inputs, rules)
 
     def _settle(
-        self, conn: Connection, inputs: SettlementInputs, rules: SettlementRules
+        self,
+        conn: Connection,
+        inputs: SettlementInputs,
+        rules: SettlementRules,
+        *,
+        restaged: bool = False,
     ) -> SettlementOutcome:
+        """Settle `inputs`; with `restaged`, they hold all meter data held for the interval (see
+        `plan_restaged_settlement`), else only what was delivered now (merged into the settled data)."""
         clearing = inputs.clearing
         digest = clearing.digest()
         self._backend.lock(conn)
@@ -741,7 +765,8 @@ class LedgerStore:
                 )
             # An interval is always settled under the rules it was first settled with.
             rules_json = latest.rules_json
-            plan = plan_resettlement(
+            replan = plan_restaged_settlement if restaged else plan_resettlement
+            plan = replan(
                 inputs,
                 SettlementRules.from_mapping(json.loads(latest.rules_json)),
                 meter_state_from_json(latest.meter_json),
@@ -764,6 +789,7 @@ class LedgerStore:
                         )
                     ),
                     checkpoint=None,
+                    interval_s=clearing.interval_s,
                 )
         appended, checkpoint = self._append_new_group(conn, plan.transfers)
         state = self._state_for(conn) if appended == 0 else self._state
@@ -796,6 +822,7 @@ class LedgerStore:
             tree_size=state.seq,
             estimated_participants=plan.estimated_participants,
             checkpoint=checkpoint,
+            interval_s=clearing.interval_s,
         )
 
     # ----------------------------------------------------------------- staging
@@ -907,6 +934,91 @@ class LedgerStore:
                 self._mark_pending(conn, market_id, interval_start_s)
             return len(better)
 
+    def stage_meter_readings(
+        self,
+        market_id: str,
+        interval_start_s: int,
+        readings: Sequence[MeterReading],
+        *,
+        connection: Connection | None = None,
+    ) -> int:
+        """Hold meter energy of an interval meter by meter; returns how many readings improved what was held.
+
+        For metering that reports an interval in several batches: a
+        participant's energy is the sum of its meters held when the interval is
+        settled (or settled again). As with `stage_meter_energy`, a reading
+        replaces a held one only if its quality is better, so redeliveries in
+        any order are harmless; a measurement that contradicts a held one, or a
+        meter that changes participant within an interval, raises
+        SettlementConflictError and changes nothing.
+        """
+        validate_meter_readings(readings)
+        m = staged_meter_readings_table.c
+        now_ms = int(self.clock.now_s() * 1000)
+        with self._writing(connection) as conn:
+            held: dict[str, tuple[str, int, int, int]] = {}
+            ids = [r.meter_id for r in readings]
+            for i in range(0, len(ids), 500):
+                for row in conn.execute(
+                    select(m.meter_id, m.participant_id, m.import_wh, m.export_wh, m.quality).where(
+                        m.market_id == market_id,
+                        m.interval_start_s == interval_start_s,
+                        m.meter_id.in_(ids[i : i + 500]),
+                    )
+                ):
+                    held[row[0]] = (str(row[1]), int(row[2]), int(row[3]), int(row[4]))
+            better = []
+            for r in readings:
+                before = held.get(r.meter_id)
+                if before is None:
+                    better.append(r)
+                    continue
+                if before[0] != r.participant_id:
+                    raise SettlementConflictError(
+                        f"meter {r.meter_id!r} in interval {interval_start_s} is held for participant "
+                        f"{before[0]!r}, now reported for {r.participant_id!r}"
+                    )
+                if r.quality > before[3]:
+                    better.append(r)
+                elif (
+                    r.quality is MeterQuality.MEASURED
+                    and before[3] == MeterQuality.MEASURED
+                    and (r.import_wh, r.export_wh) != before[1:3]
+                ):
+                    raise SettlementConflictError(
+                        f"meter {r.meter_id!r} in interval {interval_start_s}: measured "
+                        f"{r.import_wh}/{r.export_wh} Wh contradicts the measured {before[1]}/{before[2]} Wh held"
+                    )
+            if better:
+                table = _insert_for(conn, staged_meter_readings_table)
+                statement = table.on_conflict_do_update(
+                    index_elements=["market_id", "interval_start_s", "meter_id"],
+                    set_={
+                        "import_wh": table.excluded.import_wh,
+                        "export_wh": table.excluded.export_wh,
+                        "quality": table.excluded.quality,
+                        "received_at_ms": table.excluded.received_at_ms,
+                    },
+                )
+                conn.execute(
+                    statement,
+                    [
+                        {
+                            "market_id": market_id,
+                            "interval_start_s": interval_start_s,
+                            "meter_id": r.meter_id,
+                            "participant_id": r.participant_id,
+                            "import_wh": r.import_wh,
+                            "export_wh": r.export_wh,
+                            "quality": int(r.quality),
+                            "received_at_ms": now_ms,
+                        }
+                        for r in better
+                    ],
+                )
+                self._mark_pending(conn, market_id, interval_start_s)
+            return len(better)
+
     def _mark_pending(self, conn: Connection, market_id: str, interval_start_s: int) -> None:
         table = _insert_for(conn, pending_intervals_table)
         conn.execute(
@@ -919,13 +1031,27 @@ class LedgerStore:
         )
 
     def settle_due(
-        self, rules_for: Callable[[str], SettlementRules], *, limit: int = 100
+        self,
+        rules_for: Callable[[str], SettlementRules],
+        *,
+        limit: int = 100,
+        on_settled: Callable[[Connection, SettlementOutcome], None] | None = None,
+        on_error: Callable[[str, int, Exception], None] | None = None,
     ) -> list[SettlementOutcome]:
         """Settle, each in its own transaction, the held intervals whose clearing result is in and whose
         metering deadline has passed, oldest first; `rules_for(market_id)` gives a market's rules.
 
         An interval with new meter data since its settlement is settled again
-        (correcting transfers); one with nothing new is left as it is.
+        (correcting transfers) from all the data held for it; one with nothing
+        new is left as it is.
+
+        `on_settled(conn, outcome)` runs in the settlement's transaction, e.g. to
+        add events to an outbox that exist if and only if the settlement
+        committed. With `on_error`, an interval whose settlement is refused
+        (SettlementInputError, SettlementConflictError, SettlementError) is
+        rolled back, reported as `on_error(market_id, interval_start_s, error)`
+        and stays pending, and the later intervals still settle; without it the
+        error is raised. BalanceInvariantError and LedgerCorruptError are always raised.
         """
         p = pending_intervals_table.c
         c = staged_clearings_table.c
@@ -944,21 +1070,34 @@ class LedgerStore:
             rules = rules_for(str(market_id))
             if now_s < settlement_due_s(int(interval_start_s), int(interval_s), rules):
                 continue
-            with self._writing(None) as conn:
-                version = conn.execute(
-                    select(p.version).where(p.market_id == market_id, p.interval_start_s == interval_start_s)
-                ).scalar()
-                if version is None:
-                    continue  # settled meanwhile by another caller
-                inputs = self._staged_inputs(conn, market_id, interval_start_s)
-                validate_inputs(inputs)
-                outcomes.append(self._settle(conn, inputs, rules))
-                # Data that arrived meanwhile bumped the version and keeps the interval pending.
-                conn.execute(
-                    pending_intervals_table.delete().where(
-                        p.market_id == market_id, p.interval_start_s == interval_start_s, p.version == version
+            try:
+                with self._writing(None) as conn:
+                    version = conn.execute(
+                        select(p.version).where(
+                            p.market_id == market_id, p.interval_start_s == interval_start_s
+                        )
+                    ).scalar()
+                    if version is None:
+                        continue  # settled meanwhile by another caller
+                    inputs = self._staged_inputs(conn, market_id, interval_start_s)
+                    validate_inputs(inputs)
+                    outcome = self._settle(conn, inputs, rules, restaged=True)
+                    # Data that arrived meanwhile bumped the version and keeps the interval pending.
+                    conn.execute(
+                        pending_intervals_table.delete().where(
+                            p.market_id == market_id,
+                            p.interval_start_s == interval_start_s,
+                            p.version == version,
+                        )
                     )
-                )
+                    if on_settled is not None and outcome.status is not SettlementStatus.UNCHANGED:
+                        on_settled(conn, outcome)
+            except (SettlementInputError, SettlementConflictError, SettlementError) as error:
+                if on_error is None:
+                    raise
+                on_error(str(market_id), int(interval_start_s), error)
+                continue
+            outcomes.append(outcome)
             if len(outcomes) >= limit:
                 break
         return outcomes
@@ -969,15 +1108,25 @@ class LedgerStore:
         clearing_json = conn.execute(
             select(c.clearing_json).where(c.market_id == market_id, c.interval_start_s == interval_start_s)
         ).scalar_one()
-        readings = tuple(
-            MeterEnergy(str(r[0]), int(r[1]), int(r[2]), MeterQuality(int(r[3])))
+        # Energy held per participant counts as one more meter of that participant.
+        held = [
+            MeterReading("", str(r[0]), int(r[1]), int(r[2]), MeterQuality(int(r[3])))
             for r in conn.execute(
-                select(m.participant_id, m.import_wh, m.export_wh, m.quality)
-                .where(m.market_id == market_id, m.interval_start_s == interval_start_s)
-                .order_by(m.participant_id)
+                select(m.participant_id, m.import_wh, m.export_wh, m.quality).where(
+                    m.market_id == market_id, m.interval_start_s == interval_start_s
+                )
+            )
+        ]
+        r_ = staged_meter_readings_table.c
+        held.extend(
+            MeterReading(str(r[0]), str(r[1]), int(r[2]), int(r[3]), MeterQuality(int(r[4])))
+            for r in conn.execute(
+                select(r_.meter_id, r_.participant_id, r_.import_wh, r_.export_wh, r_.quality).where(
+                    r_.market_id == market_id, r_.interval_start_s == interval_start_s
+                )
             )
         )
-        return SettlementInputs(clearing_from_json(json.loads(clearing_json)), readings)
+        return SettlementInputs(clearing_from_json(json.loads(clearing_json)), participant_energy(held))
 
     def pending_intervals(self) -> list[tuple[str, int]]:
         """Intervals holding data that is not settled yet (waiting for their clearing result or deadline)."""
@@ -1046,6 +1195,19 @@ class LedgerStore:
         if row is None:
             raise TransferNotFoundError(f"no transfer {transfer_id!r}")
         return StoredTransfer(int(row.seq), _transfer_from_row(row))
+
+    def transfers_in_range(
+        self, first_seq: int, last_seq: int, *, connection: Connection | None = None
+    ) -> list[StoredTransfer]:
+        """The transfers with `first_seq` <= seq <= `last_seq`, in ledger order (also inside a caller's transaction)."""
+        t = transfers_table.c
+        query = select(transfers_table).where(t.seq >= first_seq, t.seq <= last_seq).order_by(t.seq)
+        if connection is not None:
+            rows = connection.execute(query).all()
+        else:
+            with self.engine.connect() as conn:
+                rows = conn.execute(query).all()
+        return [StoredTransfer(int(r.seq), _transfer_from_row(r)) for r in rows]
 
     def transfers_of_interval(self, interval_start_s: int) -> list[StoredTransfer]:
         t = transfers_table.c

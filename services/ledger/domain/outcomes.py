@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
+from services.domain.intervals import DEFAULT_INTERVAL_S
 from services.ledger.domain.checkpoint import Checkpoint
 from services.ledger.domain.ledger import Status, Transfer, TransferResult
 
@@ -48,6 +49,8 @@ class SettlementOutcome:
     estimated_participants: tuple[str, ...]
     """Participants whose meter data is still estimated; their deviations may be corrected later."""
     checkpoint: Checkpoint | None
+    interval_s: int = DEFAULT_INTERVAL_S
+    """The length of the settled interval."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,7 +5,9 @@ Rules (each amount is exact: energy_wh × price_micro_per_kwh = amount_nano):
 - Trades, at node prices. For every bilateral trade the buyer pays the market
   `energy_wh × price(buyer node)` (code `trade.purchase`) and the market pays
   the seller `energy_wh × price(seller node)` (`trade.sale`). Trades of the
-  same buyer, seller and nodes in one interval are settled as one.
+  same buyer, seller and nodes in one interval are settled as one. A
+  participant may trade with itself between two of its nodes (it pays at one
+  node's price and is paid at the other's), never at one node.
 - Congestion rent. What the market keeps, Σ purchases − Σ sales, goes to the
   grid operator (`congestion_rent`; the other way if negative), so the market
   account is back at zero after every interval.
@@ -37,7 +39,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from enum import IntEnum, StrEnum
 from typing import Any, NamedTuple
@@ -59,6 +61,8 @@ from services.ledger.domain.ledger import (
 NODE_PATTERN = r"[A-Za-z0-9._\-]{1,64}"
 _NODE_RE = re.compile(NODE_PATTERN)
 _NAME_RE = re.compile(ACCOUNT_NAME_PATTERN)
+METER_ID_PATTERN = r"[A-Za-z0-9._:\-]{1,100}"
+_METER_RE = re.compile(METER_ID_PATTERN)
 MAX_ENERGY_WH = 10**12
 MAX_PRICE_MICRO_PER_KWH = 10**9
 
@@ -144,6 +148,21 @@ class MeterQuality(IntEnum):
 class MeterEnergy:
     """A participant's metered energy in one interval, import and export separately."""
 
+    participant_id: str
+    import_wh: int
+    export_wh: int
+    quality: MeterQuality = MeterQuality.MEASURED
+
+
+@dataclass(frozen=True, slots=True)
+class MeterReading:
+    """One meter's energy in one interval, as the metering service reports it.
+
+    A participant may have several meters; its interval energy is the sum over
+    its meters, and its quality the worst of theirs (`participant_energy`).
+    """
+
+    meter_id: str
     participant_id: str
     import_wh: int
     export_wh: int
@@ -254,7 +273,7 @@ def validate_inputs(inputs: SettlementInputs) -> None:
             and (buyer in names or valid(buyer))
             and type(seller) is str
             and (seller in names or valid(seller))
-            and buyer != seller
+            and (buyer != seller or t.buyer_node != t.seller_node)
             and t.buyer_node in prices
             and t.seller_node in prices
             and type(energy_wh) is int
@@ -310,6 +329,43 @@ def validate_meter_energy(readings: Sequence[MeterEnergy], known_names: set[str]
         seen.add(pid)
 
 
+def validate_meter_readings(readings: Sequence[MeterReading]) -> None:
+    """Raise SettlementInputError for the first meter reading that breaks a rule, naming it."""
+    seen: set[str] = set()
+    for i, r in enumerate(readings):
+        where = f"meter_readings[{i}]"
+        if not isinstance(r.meter_id, str) or not _METER_RE.fullmatch(r.meter_id):
+            raise SettlementInputError(f"{where}: meter id {r.meter_id!r} must match {METER_ID_PATTERN}")
+        if r.meter_id in seen:
+            raise SettlementInputError(f"{where}: meter {r.meter_id!r} appears twice")
+        seen.add(r.meter_id)
+        if not isinstance(r.participant_id, str) or not _NAME_RE.fullmatch(r.participant_id):
+            raise _bad_name(where, r.participant_id)
+        _check_int(r.import_wh, f"{where}.import_wh", 0, MAX_ENERGY_WH)
+        _check_int(r.export_wh, f"{where}.export_wh", 0, MAX_ENERGY_WH)
+        if r.quality is not MeterQuality.MEASURED and r.quality is not MeterQuality.ESTIMATED:
+            raise SettlementInputError(f"{where}.quality must be measured or estimated, got {r.quality!r}")
+
+
+def participant_energy(readings: Iterable[MeterReading]) -> tuple[MeterEnergy, ...]:
+    """Each participant's energy: import and export summed over its meters, the worst quality of them.
+
+    Sorted by participant id, so that equal readings in any order give equal results.
+    """
+    totals: dict[str, tuple[int, int, MeterQuality]] = {}
+    for r in readings:
+        before = totals.get(r.participant_id)
+        if before is None:
+            totals[r.participant_id] = (r.import_wh, r.export_wh, r.quality)
+        else:
+            totals[r.participant_id] = (
+                before[0] + r.import_wh,
+                before[1] + r.export_wh,
+                min(before[2], r.quality),
+            )
+    return tuple(MeterEnergy(p, i, e, q) for p, (i, e, q) in sorted(totals.items()))
+
+
 def _bad_name(where: str, name: object) -> SettlementInputError:
     return SettlementInputError(f"{where}: participant id {name!r} must match {ACCOUNT_NAME_PATTERN}")
 
@@ -318,8 +374,10 @@ def _explain_trade(where: str, t: Trade, prices: Mapping[str, int]) -> None:
     for name in (t.buyer_id, t.seller_id):
         if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
             raise _bad_name(where, name)
-    if t.buyer_id == t.seller_id:
-        raise SettlementInputError(f"{where}: buyer and seller are both {t.buyer_id!r}")
+    if t.buyer_id == t.seller_id and t.buyer_node == t.seller_node:
+        raise SettlementInputError(
+            f"{where}: buyer and seller are both {t.buyer_id!r} at node {t.buyer_node!r} (a trade with itself)"
+        )
     for node in (t.buyer_node, t.seller_node):
         if node not in prices:
             raise SettlementInputError(f"{where}: node {node!r} has no price in clearing.node_prices")
@@ -729,6 +787,35 @@ def plan_resettlement(
 ) -> SettlementPlan | None:
     """The correcting revision for better meter data, or None when the delivery changes nothing."""
     state = merge_meter_state(old_state, inputs.meter_energy)
+    if state == old_state:
+        return None
+    old_legs = settlement_legs(inputs.clearing, old_state, rules)
+    new_legs = settlement_legs(inputs.clearing, state, rules)
+    revision = last_revision + 1
+    return SettlementPlan(
+        revision=revision,
+        transfers=legs_to_transfers(
+            correction_legs(old_legs, new_legs), inputs.market_id, inputs.interval_start_s, revision
+        ),
+        meter_state=state,
+        estimated_participants=_estimated(state),
+    )
+
+
+def plan_restaged_settlement(
+    inputs: SettlementInputs, rules: SettlementRules, old_state: MeterState, last_revision: int
+) -> SettlementPlan | None:
+    """The correcting revision when `inputs` holds all meter data known for the interval, or None if nothing changed.
+
+    Held (staged) meter data only ever improves, meter by meter, and a
+    contradicting measurement is refused when it arrives; so the held data is
+    the best knowledge of the interval and the new meter state is computed
+    from it afresh (with estimates for meters still missing) instead of being
+    merged into the old one. This also books a participant whose second meter
+    arrived after the first settlement: its measured total grew, which is a
+    correction, not a contradiction.
+    """
+    state = initial_meter_state(inputs.clearing, inputs.meter_energy, rules)
     if state == old_state:
         return None
     old_legs = settlement_legs(inputs.clearing, old_state, rules)

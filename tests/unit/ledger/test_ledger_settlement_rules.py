@@ -201,7 +201,7 @@ def test_rules_have_defaults_and_refuse_unknown_or_bad_fields() -> None:
     [
         (lambda c: {"trades": (Trade("alice", "n9", "bob", "n1", 10),)}, r"clearing.trades\[0\]: node 'n9'"),
         (
-            lambda c: {"trades": (Trade("alice", "n2", "alice", "n1", 10),)},
+            lambda c: {"trades": (Trade("alice", "n1", "alice", "n1", 10),)},
             r"clearing.trades\[0\]: buyer and seller",
         ),
         (

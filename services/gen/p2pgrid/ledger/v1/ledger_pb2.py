@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ep2pgrid/ledger/v1/ledger.proto\x12\x11p2pgrid.ledger.v1\"\x13\n\x11GetBalanceRequest\"3\n\x07\x42\x61lance\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x14\n\x0c\x62\x61lance_nano\x18\x02 \x01(\x03\"Q\n\x13GetStatementRequest\x12\x1d\n\x15\x66rom_interval_start_s\x18\x01 \x01(\x03\x12\x1b\n\x13to_interval_start_s\x18\x02 \x01(\x03\"\xb7\x01\n\x08Transfer\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x18\n\x10\x64\x65\x62it_account_id\x18\x02 \x01(\t\x12\x19\n\x11\x63redit_account_id\x18\x03 \x01(\t\x12\x13\n\x0b\x61mount_nano\x18\x04 \x01(\x03\x12\x0c\n\x04kind\x18\x05 \x01(\t\x12\x18\n\x10interval_start_s\x18\x06 \x01(\x03\x12\x11\n\tlinked_id\x18\x07 \x01(\t\x12\x11\n\tchain_seq\x18\x08 \x01(\x04\"e\n\tStatement\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12.\n\ttransfers\x18\x02 \x03(\x0b\x32\x1b.p2pgrid.ledger.v1.Transfer\x12\x14\n\x0c\x62\x61lance_nano\x18\x03 \x01(\x03\"(\n\x11GetReceiptRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\"i\n\nCheckpoint\x12\x11\n\ttree_size\x18\x01 \x01(\x04\x12\x11\n\troot_hash\x18\x02 \x01(\x0c\x12\x0e\n\x06time_s\x18\x03 \x01(\x03\x12\x11\n\tsignature\x18\x04 \x01(\x0c\x12\x12\n\npublic_key\x18\x05 \x01(\x0c\"\x1f\n\x07Receipt\x12\x14\n\x0creceipt_json\x18\x01 \x01(\t\"1\n\x16ListCheckpointsRequest\x12\x17\n\x0f\x61\x66ter_tree_size\x18\x01 \x01(\x04\"M\n\x17ListCheckpointsResponse\x12\x32\n\x0b\x63heckpoints\x18\x01 \x03(\x0b\x32\x1d.p2pgrid.ledger.v1.Checkpoint\"@\n\x1aGetConsistencyProofRequest\x12\x10\n\x08old_size\x18\x01 \x01(\x04\x12\x10\n\x08new_size\x18\x02 \x01(\x04\"F\n\x10\x43onsistencyProof\x12\x10\n\x08old_size\x18\x01 \x01(\x04\x12\x10\n\x08new_size\x18\x02 \x01(\x04\x12\x0e\n\x06hashes\x18\x03 \x03(\x0c\"\x0f\n\rVerifyRequest\"N\n\x0eVerifyResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x15\n\rfirst_failure\x18\x02 \x01(\t\x12\x19\n\x11transfers_checked\x18\x03 \x01(\x04\x32\xa2\x04\n\x06Ledger\x12N\n\nGetBalance\x12$.p2pgrid.ledger.v1.GetBalanceRequest\x1a\x1a.p2pgrid.ledger.v1.Balance\x12T\n\x0cGetStatement\x12&.p2pgrid.ledger.v1.GetStatementRequest\x1a\x1c.p2pgrid.ledger.v1.Statement\x12N\n\nGetReceipt\x12$.p2pgrid.ledger.v1.GetReceiptRequest\x1a\x1a.p2pgrid.ledger.v1.Receipt\x12h\n\x0fListCheckpoints\x12).p2pgrid.ledger.v1.ListCheckpointsRequest\x1a*.p2pgrid.ledger.v1.ListCheckpointsResponse\x12i\n\x13GetConsistencyProof\x12-.p2pgrid.ledger.v1.GetConsistencyProofRequest\x1a#.p2pgrid.ledger.v1.ConsistencyProof\x12M\n\x06Verify\x12 .p2pgrid.ledger.v1.VerifyRequest\x1a!.p2pgrid.ledger.v1.VerifyResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ep2pgrid/ledger/v1/ledger.proto\x12\x11p2pgrid.ledger.v1\"\'\n\x11GetBalanceRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\"^\n\x07\x42\x61lance\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x14\n\x0c\x62\x61lance_nano\x18\x02 \x01(\x03\x12\x13\n\x0b\x64\x65\x62its_nano\x18\x03 \x01(\x03\x12\x14\n\x0c\x63redits_nano\x18\x04 \x01(\x03\"\x87\x01\n\x13GetStatementRequest\x12\x1d\n\x15\x66rom_interval_start_s\x18\x01 \x01(\x03\x12\x1b\n\x13to_interval_start_s\x18\x02 \x01(\x03\x12\x12\n\naccount_id\x18\x03 \x01(\t\x12\x11\n\tafter_seq\x18\x04 \x01(\x04\x12\r\n\x05limit\x18\x05 \x01(\r\"\xc6\x01\n\x08Transfer\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x18\n\x10\x64\x65\x62it_account_id\x18\x02 \x01(\t\x12\x19\n\x11\x63redit_account_id\x18\x03 \x01(\t\x12\x13\n\x0b\x61mount_nano\x18\x04 \x01(\x03\x12\x0c\n\x04kind\x18\x05 \x01(\t\x12\x18\n\x10interval_start_s\x18\x06 \x01(\x03\x12\x11\n\tlinked_id\x18\x07 \x01(\t\x12\x11\n\tchain_seq\x18\x08 \x01(\x04\x12\r\n\x05\x66lags\x18\t \x01(\r\"}\n\tStatement\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12.\n\ttransfers\x18\x02 \x03(\x0b\x32\x1b.p2pgrid.ledger.v1.Transfer\x12\x14\n\x0c\x62\x61lance_nano\x18\x03 \x01(\x03\x12\x16\n\x0enext_after_seq\x18\x04 \x01(\x04\";\n\x11GetReceiptRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x11\n\ttree_size\x18\x02 \x01(\x04\"\xb5\x01\n\nCheckpoint\x12\x11\n\ttree_size\x18\x01 \x01(\x04\x12\x11\n\troot_hash\x18\x02 \x01(\x0c\x12\x0e\n\x06time_s\x18\x03 \x01(\x03\x12\x11\n\tsignature\x18\x04 \x01(\x0c\x12\x12\n\npublic_key\x18\x05 \x01(\x0c\x12\x0e\n\x06origin\x18\x06 \x01(\t\x12\x12\n\nchain_head\x18\x07 \x01(\x0c\x12\x0f\n\x07time_ms\x18\x08 \x01(\x03\x12\x15\n\rprevious_hash\x18\t \x01(\x0c\"E\n\x07Receipt\x12\x14\n\x0creceipt_json\x18\x01 \x01(\t\x12\x11\n\tchain_seq\x18\x02 \x01(\x04\x12\x11\n\ttree_size\x18\x03 \x01(\x04\"@\n\x16ListCheckpointsRequest\x12\x17\n\x0f\x61\x66ter_tree_size\x18\x01 \x01(\x04\x12\r\n\x05limit\x18\x02 \x01(\r\"M\n\x17ListCheckpointsResponse\x12\x32\n\x0b\x63heckpoints\x18\x01 \x03(\x0b\x32\x1d.p2pgrid.ledger.v1.Checkpoint\"@\n\x1aGetConsistencyProofRequest\x12\x10\n\x08old_size\x18\x01 \x01(\x04\x12\x10\n\x08new_size\x18\x02 \x01(\x04\"F\n\x10\x43onsistencyProof\x12\x10\n\x08old_size\x18\x01 \x01(\x04\x12\x10\n\x08new_size\x18\x02 \x01(\x04\x12\x0e\n\x06hashes\x18\x03 \x03(\x0c\"\x0f\n\rVerifyRequest\"~\n\x0eVerifyResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x15\n\rfirst_failure\x18\x02 \x01(\t\x12\x19\n\x11transfers_checked\x18\x03 \x01(\x04\x12\x1b\n\x13\x63heckpoints_checked\x18\x04 \x01(\x04\x12\x11\n\troot_hash\x18\x05 \x01(\x0c\x32\xa2\x04\n\x06Ledger\x12N\n\nGetBalance\x12$.p2pgrid.ledger.v1.GetBalanceRequest\x1a\x1a.p2pgrid.ledger.v1.Balance\x12T\n\x0cGetStatement\x12&.p2pgrid.ledger.v1.GetStatementRequest\x1a\x1c.p2pgrid.ledger.v1.Statement\x12N\n\nGetReceipt\x12$.p2pgrid.ledger.v1.GetReceiptRequest\x1a\x1a.p2pgrid.ledger.v1.Receipt\x12h\n\x0fListCheckpoints\x12).p2pgrid.ledger.v1.ListCheckpointsRequest\x1a*.p2pgrid.ledger.v1.ListCheckpointsResponse\x12i\n\x13GetConsistencyProof\x12-.p2pgrid.ledger.v1.GetConsistencyProofRequest\x1a#.p2pgrid.ledger.v1.ConsistencyProof\x12M\n\x06Verify\x12 .p2pgrid.ledger.v1.VerifyRequest\x1a!.p2pgrid.ledger.v1.VerifyResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,33 +33,33 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'p2pgrid.ledger.v1.ledger_pb
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GETBALANCEREQUEST']._serialized_start=53
-  _globals['_GETBALANCEREQUEST']._serialized_end=72
-  _globals['_BALANCE']._serialized_start=74
-  _globals['_BALANCE']._serialized_end=125
-  _globals['_GETSTATEMENTREQUEST']._serialized_start=127
-  _globals['_GETSTATEMENTREQUEST']._serialized_end=208
-  _globals['_TRANSFER']._serialized_start=211
-  _globals['_TRANSFER']._serialized_end=394
-  _globals['_STATEMENT']._serialized_start=396
-  _globals['_STATEMENT']._serialized_end=497
-  _globals['_GETRECEIPTREQUEST']._serialized_start=499
-  _globals['_GETRECEIPTREQUEST']._serialized_end=539
-  _globals['_CHECKPOINT']._serialized_start=541
-  _globals['_CHECKPOINT']._serialized_end=646
-  _globals['_RECEIPT']._serialized_start=648
-  _globals['_RECEIPT']._serialized_end=679
-  _globals['_LISTCHECKPOINTSREQUEST']._serialized_start=681
-  _globals['_LISTCHECKPOINTSREQUEST']._serialized_end=730
-  _globals['_LISTCHECKPOINTSRESPONSE']._serialized_start=732
-  _globals['_LISTCHECKPOINTSRESPONSE']._serialized_end=809
-  _globals['_GETCONSISTENCYPROOFREQUEST']._serialized_start=811
-  _globals['_GETCONSISTENCYPROOFREQUEST']._serialized_end=875
-  _globals['_CONSISTENCYPROOF']._serialized_start=877
-  _globals['_CONSISTENCYPROOF']._serialized_end=947
-  _globals['_VERIFYREQUEST']._serialized_start=949
-  _globals['_VERIFYREQUEST']._serialized_end=964
-  _globals['_VERIFYRESPONSE']._serialized_start=966
-  _globals['_VERIFYRESPONSE']._serialized_end=1044
-  _globals['_LEDGER']._serialized_start=1047
-  _globals['_LEDGER']._serialized_end=1593
+  _globals['_GETBALANCEREQUEST']._serialized_end=92
+  _globals['_BALANCE']._serialized_start=94
+  _globals['_BALANCE']._serialized_end=188
+  _globals['_GETSTATEMENTREQUEST']._serialized_start=191
+  _globals['_GETSTATEMENTREQUEST']._serialized_end=326
+  _globals['_TRANSFER']._serialized_start=329
+  _globals['_TRANSFER']._serialized_end=527
+  _globals['_STATEMENT']._serialized_start=529
+  _globals['_STATEMENT']._serialized_end=654
+  _globals['_GETRECEIPTREQUEST']._serialized_start=656
+  _globals['_GETRECEIPTREQUEST']._serialized_end=715
+  _globals['_CHECKPOINT']._serialized_start=718
+  _globals['_CHECKPOINT']._serialized_end=899
+  _globals['_RECEIPT']._serialized_start=901
+  _globals['_RECEIPT']._serialized_end=970
+  _globals['_LISTCHECKPOINTSREQUEST']._serialized_start=972
+  _globals['_LISTCHECKPOINTSREQUEST']._serialized_end=1036
+  _globals['_LISTCHECKPOINTSRESPONSE']._serialized_start=1038
+  _globals['_LISTCHECKPOINTSRESPONSE']._serialized_end=1115
+  _globals['_GETCONSISTENCYPROOFREQUEST']._serialized_start=1117
+  _globals['_GETCONSISTENCYPROOFREQUEST']._serialized_end=1181
+  _globals['_CONSISTENCYPROOF']._serialized_start=1183
+  _globals['_CONSISTENCYPROOF']._serialized_end=1253
+  _globals['_VERIFYREQUEST']._serialized_start=1255
+  _globals['_VERIFYREQUEST']._serialized_end=1270
+  _globals['_VERIFYRESPONSE']._serialized_start=1272
+  _globals['_VERIFYRESPONSE']._serialized_end=1398
+  _globals['_LEDGER']._serialized_start=1401
+  _globals['_LEDGER']._serialized_end=1947
 # @@protoc_insertion_point(module_scope)

@@ -84,7 +84,8 @@ class LedgerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetReceipt(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """A receipt for one of the caller's transfers, verifiable offline (`p2pgrid ledger receipt verify`).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -102,7 +103,8 @@ class LedgerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Verify(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Re-derive the whole ledger from its rows (operators only).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
