@@ -77,7 +77,15 @@ def clear(
     accepted = timed("split_s", lambda: split_to_orders(steps, allocation.accepted_wh, energy))
     prices = timed(
         "prices_s",
-        lambda: set_prices(steps, allocation.accepted_wh, grid, allocation.flows_wh, allocation.binding),
+        lambda: set_prices(
+            steps,
+            allocation.accepted_wh,
+            grid,
+            allocation.flows_wh,
+            allocation.binding,
+            lp_node_level=allocation.solution.node_level,
+            lp_shadow_level=allocation.solution.line_shadow_level,
+        ),
     )
     trades = timed("trades_s", lambda: decompose(accepted, np.asarray(book.is_buy)))
 

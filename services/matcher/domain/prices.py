@@ -48,7 +48,9 @@ BoolArray = npt.NDArray[np.bool_]
 
 _NO_BOUND = np.iinfo(np.int64).max // 4
 # Relative room around values fixed in the sequence of price LPs.
-_FIX_ROOM = 1e-7
+# (GLOP's answers are good to about 1e-6 of the numbers involved; if a later LP
+# of the sequence turns infeasible, the room grows.)
+_FIX_ROOMS = (1e-6, 1e-4)
 # GLOP's presolve can misjudge these tiny LPs with nearly fixed rows as infeasible.
 _PRICE_LP_PARAMETERS = "use_preprocessing:false"
 
@@ -86,8 +88,16 @@ def set_prices(
     grid: Grid,
     flows_wh: FloatArray,
     binding: BoolArray,
+    *,
+    lp_node_level: FloatArray | None = None,
+    lp_shadow_level: FloatArray | None = None,
 ) -> NodePrices:
-    """Choose the node prices by the documented rule."""
+    """Choose the node prices by the documented rule.
+
+    `lp_node_level`/`lp_shadow_level` (the clearing LP's duals, in ticks) are
+    a valid equilibrium too; they are the fallback if the sequence of small
+    LPs of the congested rule fails numerically.
+    """
     node_count = len(grid.nodes)
     tick = steps.tick_micro_per_kwh
     low, high = node_bounds(steps, accepted_wh, node_count)
@@ -111,7 +121,35 @@ def set_prices(
         )
     if not binding_lines.size:
         raise ClearingError("the allocation admits no single price although no line binds")
-    return _congested_prices(grid, low, high, bounded_low, bounded_high, flows_wh, binding_lines, tick)
+    for room in _FIX_ROOMS:
+        try:
+            return _congested_prices(
+                grid, low, high, bounded_low, bounded_high, flows_wh, binding_lines, tick, room=room
+            )
+        except ClearingError:
+            continue
+    if lp_node_level is None or lp_shadow_level is None:
+        raise ClearingError("no equilibrium prices fit the allocation")
+    return _dual_prices(low, high, bounded_low, bounded_high, lp_node_level, lp_shadow_level, binding, tick)
+
+
+def _dual_prices(
+    low: IntArray,
+    high: IntArray,
+    bounded_low: BoolArray,
+    bounded_high: BoolArray,
+    node_level: FloatArray,
+    shadow_level: FloatArray,
+    binding: BoolArray,
+    tick: int,
+) -> NodePrices:
+    """The clearing LP's own duals as prices: an equilibrium, if not the rule's choice among several."""
+    mu = np.where(binding, shadow_level, 0.0)
+    prices = _round_half_even(node_level * tick)
+    prices = np.clip(
+        prices, np.where(bounded_low, low * tick, prices), np.where(bounded_high, high * tick, prices)
+    )
+    return NodePrices(prices.astype(np.int64), mu * tick, float(node_level[0] * tick))
 
 
 def _congested_prices(
@@ -123,6 +161,8 @@ def _congested_prices(
     flows_wh: FloatArray,
     binding_lines: IntArray,
     tick: int,
+    *,
+    room: float,
 ) -> NodePrices:
     ptdf = grid.ptdf()
     # Columns: lambda, then for each binding line mu+ (if the line may bind
@@ -159,15 +199,23 @@ def _congested_prices(
     lam = solver.NumVar(lambda_box[0], lambda_box[1], "lambda")
     nu = [solver.NumVar(0.0, infinity, f"nu{c}") for c in range(mu_count)]
     # Node row n: lambda - sum_c PTDF[line_c, n] * sign_c * nu_c within [low_n, high_n].
+    # Nodes with the same row (e.g. a feeder's nodes between the same binding
+    # lines) share one constraint with the intersection of their intervals.
     coefficients = -(ptdf[lines_of][:, bounded] * signs[:, None]).T
-    for row, node in enumerate(bounded.tolist()):
+    rows, group = np.unique(np.round(coefficients, 12), axis=0, return_inverse=True)
+    group = group.reshape(-1)
+    row_low = np.full(len(rows), -np.inf)
+    row_high = np.full(len(rows), np.inf)
+    np.maximum.at(row_low, group, np.where(bounded_low[bounded], low[bounded], -np.inf).astype(np.float64))
+    np.minimum.at(row_high, group, np.where(bounded_high[bounded], high[bounded], np.inf).astype(np.float64))
+    for row in range(len(rows)):
         constraint = solver.RowConstraint(
-            float(low[node]) if bounded_low[node] else -infinity,
-            float(high[node]) if bounded_high[node] else infinity,
+            float(row_low[row]) if np.isfinite(row_low[row]) else -infinity,
+            float(row_high[row]) if np.isfinite(row_high[row]) else infinity,
             "",
         )
         constraint.SetCoefficient(lam, 1.0)
-        for column, value in enumerate(coefficients[row].tolist()):
+        for column, value in enumerate(rows[row].tolist()):
             if value:
                 constraint.SetCoefficient(nu[column], value)
     objective = solver.Objective()
@@ -186,13 +234,13 @@ def _congested_prices(
     def fix(variable: Any, value: float, *, at_least: float) -> None:
         # A little room around a fixed value, so that the next LPs stay feasible
         # within GLOP's tolerances.
-        room = _FIX_ROOM * max(1.0, abs(value))
-        variable.SetBounds(max(at_least, value - room), value + room)
+        width = room * max(1.0, abs(value))
+        variable.SetBounds(max(at_least, value - width), value + width)
 
     # 1. The least congestion: minimise the sum of |mu|.
     everything = {c + 1: 1.0 for c in range(mu_count)}
     least = optimise(everything, maximize=False)
-    cap = solver.RowConstraint(-infinity, least + _FIX_ROOM * max(1.0, least), "least congestion")
+    cap = solver.RowConstraint(-infinity, least + room * max(1.0, least), "least congestion")
     for variable in nu:
         cap.SetCoefficient(variable, 1.0)
     # 2. lambda at the midpoint of its range.
@@ -214,7 +262,7 @@ def _congested_prices(
             ((column, sign),) = columns.items()
             fix(nu[column - 1], value * sign, at_least=0.0)
         else:
-            slack = _FIX_ROOM * max(1.0, abs(value))
+            slack = room * max(1.0, abs(value))
             fixed = solver.RowConstraint(value - slack, value + slack, "")
             for column, sign in columns.items():
                 fixed.SetCoefficient(nu[column - 1], sign)
@@ -230,9 +278,9 @@ def _congested_prices(
 
 
 def _snap(value: float) -> float:
-    """A value within a millionth of a whole number is that number (LP dust)."""
+    """A value within 1e-5 of a whole number of ticks is that number (LP dust)."""
     whole = round(value)
-    return float(whole) if abs(value - whole) < 1e-6 else value
+    return float(whole) if abs(value - whole) < 1e-5 else value
 
 
 def _midpoint(low: float | None, high: float | None) -> float:

@@ -239,3 +239,33 @@ def test_the_utilitys_order_ids_are_reserved() -> None:
     grid = utility_grid()
     with pytest.raises(OrderError, match="order 'utility-retail': this order id is reserved"):
         clear(book([("utility-retail", "n0", "buy", 10, 100_000)], grid), grid)
+
+
+def test_three_identical_parallel_lines_binding_together_get_prices_and_shadow_prices() -> None:
+    # Found by hypothesis: the shadow price of identical parallel lines can be
+    # split among them in many ways, which the sequence of price LPs must survive.
+    grid = grid_from_lines(
+        [
+            line("l1", 0, 1, 10, 1.0),
+            line("l2", 1, 2, 10, 1.0),
+            line("l3", 0, 3, 28, 1.0),
+            line("m0", 0, 1, 19, 0.5),
+            line("m1", 1, 2, 10, 1.0),
+            line("m2", 1, 2, 10, 1.0),
+        ],
+        nodes=4,
+    )
+    rows = [
+        ("o0", "n0", "sell", 1, 100),
+        ("o1", "n1", "sell", 1, 0),
+        ("o2", "n2", "buy", 8, 700),
+        ("o3", "n0", "buy", 1, 0),
+        ("o4", "n1", "buy", 2, 100),
+        ("o5", "n0", "buy", 1, 0),
+        ("o6", "n0", "buy", 1, 0),
+        ("o7", "n0", "buy", 1, 0),
+        ("o8", "n0", "sell", 7, 0),
+    ]
+    result = cleared(book(rows, grid), grid)
+    assert result.binding.tolist() == [False, True, False, True, True, True]
+    assert result.node_price_micro_per_kwh.tolist()[2] == 700
