@@ -67,11 +67,8 @@ def decompose(accepted_wh: IntArray, is_buy: BoolArray) -> Trades:
     # A piece belongs to the buy and the sell whose cuts it has not passed yet:
     # the sells cut before it, and the buys cut before it (all cuts before it
     # minus the sells').
-    sells_before: npt.NDArray[np.int32] | IntArray = (
-        np.cumsum(is_sell_cut, dtype=np.int32)
-        if len(cuts) < 2**31
-        else np.cumsum(is_sell_cut, dtype=np.int64)
-    )
+    # (In 64 bits: they index arrays, and narrower indices get converted first.)
+    sells_before = np.cumsum(is_sell_cut, dtype=np.int64)
     sells_before -= is_sell_cut
     pieces = np.flatnonzero(length)
     sellers = sells_before[pieces]
