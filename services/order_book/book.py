@@ -13,7 +13,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import nacl.signing
 
@@ -130,8 +130,7 @@ class MarketFeed:
         return [event for number, event in self._events if number >= position], self._next
 
 
-@dataclass(frozen=True, slots=True)
-class OrderInput:
+class OrderInput(NamedTuple):
     """One order of a request, as the client sent it; the body may have failed conversion already."""
 
     body_or_error: SignedOrder | DomainError
@@ -297,6 +296,7 @@ class OrderBook:
         self, registered: Registered, inputs: Sequence[OrderInput]
     ) -> list[SignedOrder | DomainError]:
         now_s = self.clock.now_s()
+        window = self.rules.open_window(now_s)
         node_id = registered.participant.node_id
         results: list[SignedOrder | DomainError] = []
         to_verify: list[int] = []
@@ -306,7 +306,7 @@ class OrderBook:
                 results.append(order)
                 continue
             try:
-                self.rules.check_body(order.body, node_id, now_s, f"{item.prefix}body")
+                self.rules.check_body(order.body, node_id, now_s, f"{item.prefix}body", window)
                 if len(order.signature) != SIGNATURE_BYTES:
                     raise InvalidArgument(
                         f"must be a {SIGNATURE_BYTES}-byte Ed25519 signature, got {len(order.signature)} bytes",

@@ -107,10 +107,45 @@ class MarketRules:
 
     # The order.
 
+    def open_window(self, now_s: float) -> tuple[int, int]:
+        """The first and last open interval starts at `now_s`."""
+        first = self.first_open_start_s(now_s)
+        return first, first + (self.horizon_intervals - 1) * self.interval_s
+
     def check_body(
-        self, body: OrderBody, participant_node_id: str, now_s: float, prefix: str = "body"
+        self,
+        body: OrderBody,
+        participant_node_id: str,
+        now_s: float,
+        prefix: str = "body",
+        window: tuple[int, int] | None = None,
     ) -> None:
-        """Raise InvalidArgument (or FailedPrecondition for a closed interval) naming the first bad field."""
+        """Raise InvalidArgument (or FailedPrecondition for a closed interval) naming the first bad field.
+
+        `window` is `open_window(now_s)`, computed once for a whole batch.
+        """
+        first_s, last_s = window or self.open_window(now_s)
+        start_s = body.interval_start_s
+        energy_wh = body.energy_wh
+        price = body.price_micro_per_kwh
+        # One pass over the rules for the usual, valid order; any failure is named below.
+        if (
+            first_s <= start_s <= last_s
+            and start_s % self.interval_s == 0
+            and 0 < energy_wh <= self.max_energy_wh
+            and self.min_price_micro_per_kwh <= price <= self.max_price_micro_per_kwh
+            and price % self.price_tick_micro_per_kwh == 0
+            and body.node_id == participant_node_id
+            and participant_node_id in self.nodes
+            and (body.side is Side.BUY or body.side is Side.SELL)
+            and is_valid_client_order_id(body.client_order_id)
+        ):
+            return
+        self._name_the_broken_rule(body, participant_node_id, now_s, prefix)
+
+    def _name_the_broken_rule(
+        self, body: OrderBody, participant_node_id: str, now_s: float, prefix: str
+    ) -> None:
         if not body.client_order_id:
             raise InvalidArgument("is required", field=f"{prefix}.client_order_id")
         if not is_valid_client_order_id(body.client_order_id):
