@@ -38,7 +38,7 @@ from services.meter_ingest.simulator import FaultKind, Gateway, ProfileMeter, St
 
 SPEEDUP = 300.0
 INTERVAL_S = 60  # simulated seconds per delivery interval in this test
-POLL_S = 0.05  # wall seconds between polls of one meter (15 simulated seconds)
+POLL_S = 0.1  # wall seconds between polls of one meter (30 simulated seconds)
 RUN_S = 4.0
 START_S = 1_750_075_200.0  # 12:00 UTC: PV exports, so both counters move
 
@@ -116,10 +116,9 @@ def test_faulty_meters_give_flagged_data_no_wrong_energy_and_do_not_stall_the_ga
     # The healthy meter kept being read, to the end, despite a dead neighbour on the same connection.
     # On RTU every unanswered request costs the timeout plus a quiet gap, so the bus is slower.
     healthy = logs["m-1"]
-    nominal = RUN_S / POLL_S
-    assert len(healthy.readings) >= (0.5 if framer == "socket" else 0.2) * nominal
-    last_wall_s = (healthy.readings[-1].read_at_s - START_S) / SPEEDUP
-    assert healthy.readings[-1].read_at_s > healthy.readings[0].read_at_s + 0.8 * RUN_S * SPEEDUP, last_wall_s
+    assert len(healthy.readings) >= 0.2 * RUN_S / POLL_S
+    assert len(healthy.readings) > 2 * len(logs["m-2"].readings)
+    assert healthy.readings[-1].read_at_s > healthy.readings[0].read_at_s + 0.8 * RUN_S * SPEEDUP
     assert all(q.ok for r in healthy.readings for q in r.values.values())
 
     # A meter that never answers: flagged timeouts, offline with back-off, never a value, never energy.
@@ -129,7 +128,6 @@ def test_faulty_meters_give_flagged_data_no_wrong_energy_and_do_not_stall_the_ga
     )
     assert dead.readings[-1].status is MeterStatus.OFFLINE
     assert poller.states()["m-2"].status is MeterStatus.OFFLINE
-    assert len(dead.readings) < len(healthy.readings) / 2
     assert not dead.energies
 
     for meter_id, code in (("m-3", 2), ("m-4", 4)):
@@ -207,7 +205,7 @@ def test_a_late_answer_on_rtu_is_never_taken_for_the_next_meters_answer() -> Non
 
     async def scenario() -> tuple[list[MeterReading], list[MeterReading]]:
         slow, neighbour = meter(1, 111.0), meter(2, 222.0)
-        slow.slow_s = 0.3  # longer than the 0.2 s timeout: the answer comes late
+        slow.slow_s = 0.25  # longer than the 0.2 s timeout: the answer comes late
         # The neighbour answers in time, but slowly enough that a late reply could land while it is awaited.
         neighbour.slow_s = 0.1
         gateway = Gateway([slow, neighbour], framer="rtu")
