@@ -216,8 +216,8 @@ def measure(
     return {
         "n_orders": len(request),
         "network": instance.network,
-        "clear_s": round(clear_best, 6),
-        "sort_baseline_s": round(sort_best, 6),
+        "clear_s": round(clear_best, 9),
+        "sort_baseline_s": round(sort_best, 9),
         "ratio": round(clear_best / sort_best, 3),
         "nodes": len(instance.grid.nodes),
         "lines": len(instance.grid.lines),
