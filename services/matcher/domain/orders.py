@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, overload
 
 import numpy as np
 import numpy.typing as npt
@@ -227,10 +227,32 @@ def _sequence_column(ids: list[str], sequences: list[int | None], names: list[st
     return ranks
 
 
+class Reordered(Sequence[str]):
+    """`values` seen in the order `rows`, without copying them (strings are costly to copy in Python)."""
+
+    def __init__(self, values: Sequence[str], rows: npt.NDArray[np.intp] | npt.NDArray[np.int64]) -> None:
+        self._values = values
+        self._rows = rows
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    @overload
+    def __getitem__(self, index: int) -> str: ...
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[str]: ...
+    def __getitem__(self, index: int | slice) -> str | Sequence[str]:
+        if isinstance(index, slice):
+            return [self._values[int(i)] for i in self._rows[index]]
+        return self._values[int(self._rows[index])]
+
+    def __iter__(self) -> Iterator[str]:
+        values = self._values
+        return (values[i] for i in self._rows.tolist())
+
+
 def _take_strings(values: Sequence[str], rows: npt.NDArray[np.intp] | npt.NDArray[np.int64]) -> Sequence[str]:
-    if isinstance(values, np.ndarray):
-        return list(values[rows].tolist())
-    return [values[i] for i in rows.tolist()]
+    return Reordered(values, rows)
 
 
 def read_orders_csv(text: str | Iterable[str], grid: Grid, *, source: str = "orders") -> ClearingInput:

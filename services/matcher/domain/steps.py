@@ -22,6 +22,7 @@ from services.matcher.domain.orders import (
     MAX_ORDER_ENERGY_WH,
     ClearingInput,
     OrderError,
+    Reordered,
 )
 
 IntArray = npt.NDArray[np.int64]
@@ -167,7 +168,8 @@ def validate(request: ClearingInput, grid: Grid) -> ValidOrders:
     input_row: IntArray | None = None
     if count > 1 and not bool(np.all(np.greater(sequence[1:], sequence[:-1]))):
         # Not in book order (e.g. a shuffled file): sort once, then check uniqueness.
-        input_row = np.argsort(sequence, kind="stable").astype(np.int64)
+        # Sequences are unique (checked next), so any sort gives the same order.
+        input_row = np.argsort(sequence).astype(np.int64, copy=False)
         ordered = sequence[input_row]
         repeats = np.flatnonzero(ordered[1:] == ordered[:-1])
         if repeats.size:
@@ -176,7 +178,15 @@ def validate(request: ClearingInput, grid: Grid) -> ValidOrders:
                 request.describe_row(second),
                 f"duplicate sequence {int(sequence[second])}: {request.describe_row(first)} has it already",
             )
-        request = request.take(input_row)
+        request = ClearingInput(
+            order_ids=Reordered(request.order_ids, input_row),
+            participant_ids=Reordered(request.participant_ids, input_row),
+            node_index=node[input_row],
+            is_buy=np.asarray(request.is_buy)[input_row],
+            energy_wh=energy[input_row],
+            price_micro_per_kwh=price[input_row],
+            sequence=ordered,
+        )
         level = level[input_row]
     return ValidOrders(request, level, input_row)
 
