@@ -156,12 +156,12 @@ def expected_inputs(batches: tuple[tuple[tuple[str, str, int, int, int], ...], .
 
 
 class LedgerProcess:
-    """`python -m services.ledger` on a SQLite file, restartable, with its JSON log lines collected."""
+    """`python -m services.ledger` (on a SQLite file unless given a database), restartable, with its JSON log lines collected."""
 
-    def __init__(self, nats_url: str, workdir: Path) -> None:
+    def __init__(self, nats_url: str, workdir: Path, database_url: str = "") -> None:
         self.nats_url = nats_url
         self.workdir = workdir
-        self.database_url = f"sqlite:///{workdir / 'ledger.db'}"
+        self.database_url = database_url or f"sqlite:///{workdir / 'ledger.db'}"
         self.key_file = workdir / "ledger.key"
         self.ready = workdir / "ledger.ready.json"
         self.lines: list[dict[str, Any]] = []

@@ -91,13 +91,16 @@ def settled(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settled]:
             ledger.close()
 
 
-def expected_balances(workdir: Path) -> dict[str, int]:
+def expected_balances(
+    workdir: Path,
+    batches: tuple[tuple[tuple[str, str, int, int, int], ...], ...] = (*ENERGY_BATCHES, LATE_BATCH),
+) -> dict[str, int]:
     """One clean settlement, by the store, of all the meter data the service received."""
     engine = make_engine(f"sqlite:///{workdir / 'expected.db'}")
     try:
         migrate_ledger(engine)
         store = LedgerStore(engine, LEDGER_KEY, clock=LATE_CLOCK)
-        store.settle_interval(expected_inputs((*ENERGY_BATCHES, LATE_BATCH)), RULES)
+        store.settle_interval(expected_inputs(batches), RULES)
         return {a: b.balance_nano for a, b in store.balances().items()}
     finally:
         engine.dispose()
@@ -393,3 +396,29 @@ def test_a_broken_balance_invariant_stops_the_service_with_a_non_zero_exit(
         assert LedgerStore(engine).transfers_of_interval(INTERVAL_START_S) == []
     finally:
         engine.dispose()
+
+
+@pytest.mark.postgres
+def test_the_service_settles_on_postgresql_as_on_sqlite(
+    nats_server: NatsServer, postgres_url: str, tmp_path: Path
+) -> None:
+    ledger = LedgerProcess(nats_server.url, tmp_path, database_url=postgres_url)
+    expected = expected_balances(tmp_path, (*ENERGY_BATCHES,))
+    engine = make_engine(postgres_url)
+    try:
+        ledger.start("--sim-start-s", str(AFTER_DEADLINE_S))
+        publish(nats_server.url, interval_events())
+        store = LedgerStore(engine)
+        # Whichever event arrives first, the balances end as one settlement of all the data would leave them.
+        wait_until(
+            lambda: {a: b.balance_nano for a, b in store.balances().items()} == expected, what="the balances"
+        )
+        wait_until(
+            lambda: consumers_pending(nats_server.url) == 0 and not store.pending_intervals(), what="idle"
+        )
+        assert ledger.stop() == 0, ledger.log_tail()
+    finally:
+        ledger.close()
+        engine.dispose()
+    result = cli("verify", "--database-url", postgres_url, "--quiet", "--key", str(ledger.key_file) + ".pub")
+    assert result.returncode == 0, result.stderr

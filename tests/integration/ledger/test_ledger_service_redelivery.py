@@ -96,6 +96,10 @@ def test_events_delivered_three_times_with_twenty_kills_between_commit_and_ack_s
             what="the settlement's events",
         )
         assert ledger.stop() == 0
+        # Another key than the one that signed the checkpoints: the service refuses to start.
+        ledger.start("--signing-key-file", str(tmp_path / "other.key"), wait_ready=False)
+        assert ledger.wait_exit() == 2
+        assert "--signing-key-file" in ledger.log_tail(3) and "signed by" in ledger.log_tail(3)
     finally:
         ledger.close()
 
