@@ -4,12 +4,15 @@
 
 - writes: `apply_transfers` (a batch of transfers), `settle_interval` (one
   interval from its clearing result and meter energy);
-- for the event consumer: `stage_clearing` and `stage_meter_energy`, called
-  in the consumer's transaction next to its inbox row as events arrive, and
+- for the event consumer: `stage_clearing`, `stage_meter_readings` (meter by
+  meter) and `stage_meter_energy` (per participant), called in the
+  consumer's transaction next to its inbox row as events arrive, and
   `settle_due`, called periodically, which settles every held interval whose
-  clearing result is in and whose metering deadline has passed;
-- reads: `balance`, `balances`, `statement`, `transfer`, `receipt`,
-  `checkpoints`, `latest_checkpoint`, `consistency_proof`, `settled_revisions`;
+  clearing result is in and whose metering deadline has passed (optionally
+  adding outbox events in each settlement's transaction);
+- reads: `balance`, `balances`, `statement`, `transfer`, `transfers_in_range`,
+  `receipt`, `checkpoints`, `latest_checkpoint`, `consistency_proof`,
+  `settled_revisions`;
 - `verify`, which re-derives the whole ledger from its rows.
 
 Every write runs in one database transaction, the caller's when a
