@@ -22,19 +22,21 @@ boundaries, and ESTIMATED if it contains a hole between segments.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 from fractions import Fraction
+from typing import Any
 
 from services.domain.intervals import DEFAULT_INTERVAL_S, Interval
-from services.meter_ingest.domain.quantities import ENERGY_COUNTERS
+from services.meter_ingest.domain.quantities import ENERGY_COUNTERS, Number
 from services.meter_ingest.domain.readings import MeterReading
 from services.meter_ingest.domain.vee import (
     CounterReset,
     EpochPoint,
     MeterValidator,
     ValidatedReading,
+    ValueCheck,
 )
 
 
@@ -76,24 +78,39 @@ class IntervalEnergy:
 class Segment:
     """The accepted points of one counter epoch: strictly increasing times, non-decreasing values."""
 
-    def __init__(self, points: Iterable[CounterPoint] = ()) -> None:
+    def __init__(
+        self, points: Iterable[CounterPoint] = (), *, thin_to_boundaries_s: int | None = None
+    ) -> None:
         self.times: list[float] = []
         self.values: list[int] = []
+        # With an interval length, points that no boundary can need are not kept (see `append`).
+        self.thin_to_boundaries_s = thin_to_boundaries_s
         for point in points:
             self.append(point)
 
     def append(self, point: CounterPoint) -> None:
-        if self.times:
-            if point.t_s <= self.times[-1]:
-                if point.t_s == self.times[-1] and point.value_wh == self.values[-1]:
+        self.append_value(point.t_s, point.value_wh)
+
+    def append_value(self, t_s: float, value_wh: int) -> None:
+        times, values = self.times, self.values
+        if times:
+            if t_s <= times[-1]:
+                if t_s == times[-1] and value_wh == values[-1]:
                     return
-                raise ValueError(f"counter point at {point.t_s} is not after {self.times[-1]}")
-            if point.value_wh < self.values[-1]:
-                raise ValueError(
-                    f"counter point {point.value_wh} Wh at {point.t_s} is below {self.values[-1]} Wh"
-                )
-        self.times.append(point.t_s)
-        self.values.append(point.value_wh)
+                raise ValueError(f"counter point at {t_s} is not after {times[-1]}")
+            if value_wh < values[-1]:
+                raise ValueError(f"counter point {value_wh} Wh at {t_s} is below {values[-1]} Wh")
+            # Boundaries are multiples of `length`. When none lies strictly between the
+            # second-last point and the new one, the last point can never be a boundary's
+            # neighbour (nor the segment's first or last), so the new point replaces it.
+            # A counter read every few seconds then keeps about three points per interval.
+            length = self.thin_to_boundaries_s
+            if length is not None and len(times) >= 2 and (times[-2] // length + 1) * length >= t_s:
+                times[-1] = t_s
+                values[-1] = value_wh
+                return
+        times.append(t_s)
+        values.append(value_wh)
 
     def __len__(self) -> int:
         return len(self.times)
@@ -200,15 +217,39 @@ class CounterIntervalEnergy:
 
 @dataclass(slots=True)
 class _Track:
+    interval_s: int
     segments: list[tuple[int, Segment]] = field(default_factory=list)
     next_start_s: int | None = None
+    # The first interval this counter reports; earlier ones it never covers.
+    first_start_s: int | None = None
 
     def add(self, point: EpochPoint) -> None:
         if not self.segments or self.segments[-1][0] != point.epoch:
             if self.segments and point.epoch < self.segments[-1][0]:
                 raise ValueError(f"{point.counter}: epoch {point.epoch} after {self.segments[-1][0]}")
-            self.segments.append((point.epoch, Segment()))
-        self.segments[-1][1].append(CounterPoint(point.t_s, point.value_wh))
+            self.segments.append((point.epoch, Segment(thin_to_boundaries_s=self.interval_s)))
+        self.segments[-1][1].append_value(point.t_s, point.value_wh)
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "first_start_s": self.first_start_s,
+            "next_start_s": self.next_start_s,
+            "segments": [[epoch, list(seg.times), list(seg.values)] for epoch, seg in self.segments],
+        }
+
+    def restore(self, data: Mapping[str, Any]) -> None:
+        self.first_start_s = None if data["first_start_s"] is None else int(data["first_start_s"])
+        self.next_start_s = None if data["next_start_s"] is None else int(data["next_start_s"])
+        segments = []
+        for epoch, times, values in data["segments"]:
+            segment = Segment(thin_to_boundaries_s=self.interval_s)
+            # Stored points were accepted in order already; take them back as they are.
+            segment.times = [float(t) for t in times]
+            segment.values = [int(v) for v in values]
+            if len(segment.times) != len(segment.values):
+                raise ValueError("a stored segment has different numbers of times and values")
+            segments.append((int(epoch), segment))
+        self.segments = segments
 
 
 class IntervalEnergyTracker:
@@ -229,7 +270,16 @@ class IntervalEnergyTracker:
         self.meter_id = meter_id
         self.interval_s = interval_s
         self.rules = rules or EnergyRules()
-        self._tracks: dict[str, _Track] = {name: _Track() for name in counters}
+        self._tracks: dict[str, _Track] = {name: _Track(interval_s) for name in counters}
+
+    @property
+    def counters(self) -> tuple[str, ...]:
+        return tuple(self._tracks)
+
+    def covers(self, counter: str, start_s: int) -> bool:
+        """Whether `counter` has reported or will report the interval starting at `start_s`."""
+        track = self._tracks.get(counter)
+        return track is not None and track.first_start_s is not None and track.first_start_s <= start_s
 
     def add_points(self, points: Iterable[EpochPoint]) -> None:
         for point in points:
@@ -241,6 +291,7 @@ class IntervalEnergyTracker:
                 track.next_start_s = -(-int(point.t_s) // self.interval_s) * self.interval_s
                 if track.next_start_s < point.t_s:
                     track.next_start_s += self.interval_s
+                track.first_start_s = track.next_start_s
 
     def pop_complete(self) -> list[CounterIntervalEnergy]:
         """Energies of intervals that became complete since the last call, in time order."""
@@ -278,9 +329,49 @@ class IntervalEnergyTracker:
             track.segments.pop(0)
         track.segments[0][1].drop_before(boundary)
 
+    def snapshot(self) -> dict[str, Any]:
+        """The tracker's state as JSON-ready data; `restore` takes it back."""
+        return {name: track.snapshot() for name, track in self._tracks.items()}
+
+    def restore(self, data: Mapping[str, Any]) -> None:
+        try:
+            for name, track_data in data.items():
+                track = self._tracks.get(name)
+                if track is not None:
+                    track.restore(track_data)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"meter {self.meter_id}: unreadable interval energy state: {exc!r}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class MeterIntervalEnergy:
+    """One meter's import and export energy during one interval, ready to publish.
+
+    A counter that does not cover the interval (it had no accepted value before
+    the interval started, e.g. a register the meter does not implement) counts
+    0 and makes the interval ESTIMATED; it is named in `missing`.
+    """
+
+    meter_id: str
+    interval: Interval
+    import_wh: int
+    export_wh: int
+    quality: EnergyQuality
+    missing: tuple[str, ...] = ()
+
+
+IMPORT_COUNTER, EXPORT_COUNTER = ENERGY_COUNTERS
+
 
 class MeterEnergyPipeline:
-    """Validation and interval energy for one meter: readings and reset events in, energies out."""
+    """Validation and interval energy for one meter: readings and reset events in, energies out.
+
+    `release(cutoff_s)` is the service's way out: it collects each counter's
+    complete intervals and hands out, in time order and each exactly once, the
+    intervals that ended at or before `cutoff_s` and that every counter covering
+    them has reported. Until then they wait in `pending`, which is part of the
+    snapshot, so nothing popped is lost across a restart.
+    """
 
     def __init__(
         self,
@@ -289,7 +380,13 @@ class MeterEnergyPipeline:
         rules: EnergyRules | None = None,
     ) -> None:
         self.validator = validator
+        self.interval_s = interval_s
         self.tracker = IntervalEnergyTracker(validator.meter_id, interval_s, rules)
+        self.pending: dict[int, dict[str, CounterIntervalEnergy]] = {}
+
+    @property
+    def meter_id(self) -> str:
+        return self.validator.meter_id
 
     def ingest(self, reading: MeterReading) -> ValidatedReading | None:
         """Validate one reading (None when dropped as a duplicate or stale) and keep its counters."""
@@ -298,9 +395,79 @@ class MeterEnergyPipeline:
             self.tracker.add_points(validated.counter_points())
         return validated
 
+    def ingest_values(
+        self, t_s: float, received_at_s: float | None, values: Mapping[str, Number], *, counters: bool = True
+    ) -> ValueCheck | None:
+        """`ingest` for plain values (pushed readings): see `MeterValidator.check_values`."""
+        check = self.validator.check_values(t_s, received_at_s, values, counters=counters)
+        if check is not None and check.points:
+            self.tracker.add_points(check.points)
+        return check
+
     def reset(self, event: CounterReset) -> None:
         """Apply an explicit meter reset or replacement."""
         self.tracker.add_points(self.validator.apply_reset(event))
 
     def pop_interval_energy(self) -> list[CounterIntervalEnergy]:
         return self.tracker.pop_complete()
+
+    def release(self, cutoff_s: float) -> list[MeterIntervalEnergy]:
+        """Intervals ended by `cutoff_s` with every covering counter reported, each exactly once."""
+        for energy in self.tracker.pop_complete():
+            self.pending.setdefault(energy.interval.start_s, {})[energy.counter] = energy
+        released: list[MeterIntervalEnergy] = []
+        for start_s in sorted(self.pending):
+            entries = self.pending[start_s]
+            interval = next(iter(entries.values())).interval
+            if interval.end_s > cutoff_s:
+                break
+            covering = [c for c in self.tracker.counters if self.tracker.covers(c, start_s)]
+            if any(c not in entries for c in covering):
+                break  # a counter lags (no usable reading after the interval yet): wait for it
+            missing = tuple(c for c in self.tracker.counters if c not in entries)
+            quality = max((e.quality for e in entries.values()), default=EnergyQuality.ESTIMATED)
+            if missing:
+                quality = EnergyQuality.ESTIMATED
+            imported = entries.get(IMPORT_COUNTER)
+            exported = entries.get(EXPORT_COUNTER)
+            released.append(
+                MeterIntervalEnergy(
+                    meter_id=self.meter_id,
+                    interval=interval,
+                    import_wh=imported.energy_wh if imported is not None else 0,
+                    export_wh=exported.energy_wh if exported is not None else 0,
+                    quality=quality,
+                    missing=missing,
+                )
+            )
+            del self.pending[start_s]
+        return released
+
+    def snapshot(self) -> dict[str, Any]:
+        """Everything the pipeline needs to continue after a restart, as JSON-ready data."""
+        return {
+            "validator": self.validator.snapshot(),
+            "tracker": self.tracker.snapshot(),
+            "pending": [
+                [e.counter, e.interval.start_s, e.interval.length_s, e.energy_wh, int(e.quality)]
+                for start_s in sorted(self.pending)
+                for e in self.pending[start_s].values()
+            ],
+        }
+
+    def restore(self, data: Mapping[str, Any]) -> None:
+        """Continue from a `snapshot` (taken with the same interval length)."""
+        try:
+            self.validator.restore(data["validator"])
+            self.tracker.restore(data["tracker"])
+            pending: dict[int, dict[str, CounterIntervalEnergy]] = {}
+            for counter, start_s, length_s, energy_wh, quality in data["pending"]:
+                if int(length_s) != self.interval_s:
+                    raise ValueError(f"stored interval length {length_s} s is not {self.interval_s} s")
+                interval = Interval(int(start_s), int(length_s))
+                pending.setdefault(interval.start_s, {})[str(counter)] = CounterIntervalEnergy(
+                    self.meter_id, str(counter), interval, int(energy_wh), EnergyQuality(int(quality))
+                )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"meter {self.meter_id}: unreadable pipeline state: {exc}") from None
+        self.pending = pending

@@ -20,12 +20,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Literal
+from typing import Any, Literal
 
 from services.meter_ingest.domain.quantities import (
     ENERGY_COUNTERS,
-    QUANTITIES,
-    Kind,
+    Number,
     Quality,
     QuantityValue,
 )
@@ -154,6 +153,11 @@ class MeterValidator:
     ) -> None:
         self.meter_id = meter_id
         self.limits = dict(limits or {})
+        # Derived from `limits` once: the hot path reads these.
+        self._ranges = {name: lim.range for name, lim in self.limits.items() if lim.range is not None}
+        self._max_rate_w = {
+            name: lim.max_rate_w for name, lim in self.limits.items() if lim.max_rate_w is not None
+        }
         self.settings = settings or VeeSettings()
         self.stats = VeeStats()
         self._last_read_at: float | None = None
@@ -203,85 +207,129 @@ class MeterValidator:
 
     def validate(self, reading: MeterReading) -> ValidatedReading | None:
         """The reading with its flags and checked values, or None when it is a duplicate or stale."""
-        t = reading.read_at_s
-        if self._last_read_at is not None and t <= self._last_read_at:
-            if t == self._last_read_at:
-                self.stats.duplicates_dropped += 1
-            else:
-                self.stats.stale_dropped += 1
+        usable = {name: q.value for name, q in reading.values.items() if q.ok and q.value is not None}
+        check = self.check_values(reading.read_at_s, reading.received_at_s, usable)
+        if check is None:
             return None
-        if self._reset_at is not None and t < self._reset_at:
-            self.stats.stale_dropped += 1
-            return None
-        self._last_read_at = t
-
-        flags: set[ReadingFlag] = set()
-        if reading.status is MeterStatus.OFFLINE:
-            flags.add(ReadingFlag.OFFLINE)
-        skewed = (
-            reading.received_at_s is not None
-            and abs(t - reading.received_at_s) > self.settings.max_clock_skew_s
-        )
-        if skewed:
-            flags.add(ReadingFlag.CLOCK_SKEW)
-
-        values: dict[str, QuantityValue] = {}
-        for name, value in reading.values.items():
-            values[name] = self._check_range(name, value)
-
-        counter_wh: dict[str, int] = {}
-        epochs: dict[str, int] = {}
-        if not skewed:
-            for name, value in list(values.items()):
-                spec = QUANTITIES.get(name)
-                if spec is None or spec.kind is not Kind.COUNTER or not value.ok:
-                    continue
-                checked, unwrapped, first = self._check_counter(name, value, t)
-                values[name] = checked
-                if unwrapped is not None:
-                    counter_wh[name] = unwrapped
-                    epochs[name] = self._counters[name].epoch
-                    if first:
-                        flags.add(ReadingFlag.EPOCH_START)
-        if counter_wh:
-            if self._last_usable_at is not None and t - self._last_usable_at > self.settings.gap_s:
-                flags.add(ReadingFlag.GAP)
-            self._last_usable_at = t
+        values = dict(reading.values)
         for value in values.values():
             if not value.ok:
                 self.stats.count(value.quality)
+        for name, quality, detail in check.problems:
+            values[name] = QuantityValue.invalid(quality, detail)
+        flags = set(check.flags)
+        if reading.status is MeterStatus.OFFLINE:
+            flags.add(ReadingFlag.OFFLINE)
         return ValidatedReading(
             meter_id=reading.meter_id,
-            read_at_s=t,
+            read_at_s=reading.read_at_s,
             values=values,
             flags=frozenset(flags),
-            counter_wh=counter_wh,
-            epochs=epochs,
+            counter_wh={p.counter: p.value_wh for p in check.points},
+            epochs={p.counter: p.epoch for p in check.points},
             source=reading,
         )
 
-    def _check_range(self, name: str, value: QuantityValue) -> QuantityValue:
-        limits = self.limits.get(name)
-        if not value.ok or limits is None or limits.range is None or value.value is None:
-            return value
-        lo, hi = limits.range
-        if not lo <= value.value <= hi:
-            return QuantityValue.invalid(Quality.OUT_OF_RANGE, f"{value.value} outside [{lo}, {hi}]")
-        return value
+    def check_values(
+        self, t_s: float, received_at_s: float | None, values: Mapping[str, Number], *, counters: bool = True
+    ) -> ValueCheck | None:
+        """Validate plain values taken at `t_s`: every rule of the module, None when dropped.
 
-    def _check_counter(
-        self, name: str, value: QuantityValue, t: float
-    ) -> tuple[QuantityValue, int | None, bool]:
-        raw = value.value
-        if not isinstance(raw, int) or isinstance(raw, bool):
+        `values` holds only the values the source calls valid (`validate` passes
+        a reading's valid values; the push path passes a message's fields).
+        With `counters` False (an estimated reading) energy counters are
+        range-checked but never accepted for energy. This runs once per
+        reading at push rates, so the common case stays on a short path.
+        """
+        last = self._last_read_at
+        if (last is not None and t_s <= last) or (self._reset_at is not None and t_s < self._reset_at):
+            self._admit(t_s)  # counts the duplicate or stale reading
+            return None
+        self._last_read_at = t_s
+        skewed = received_at_s is not None and abs(t_s - received_at_s) > self.settings.max_clock_skew_s
+        use_counters = counters and not skewed
+        ranges = self._ranges
+        problems: list[tuple[str, Quality, str]] | None = None
+        points: list[EpochPoint] = []
+        epoch_start = False
+        for name, value in values.items():
+            bounds = ranges.get(name)
+            if bounds is not None and not bounds[0] <= value <= bounds[1]:
+                problems = problems or []
+                problems.append((name, Quality.OUT_OF_RANGE, f"{value} outside [{bounds[0]}, {bounds[1]}]"))
+                continue
+            if not use_counters or name not in ENERGY_COUNTERS:
+                continue
+            problem, detail, unwrapped, first = self._accept_counter(name, value, t_s)
+            if problem is not None:
+                problems = problems or []
+                problems.append((name, problem, detail))
+            elif unwrapped is not None:
+                points.append(EpochPoint(name, self._counters[name].epoch, t_s, unwrapped))
+                epoch_start = epoch_start or first
+        if not skewed and not epoch_start and problems is None and points:
+            if self._note_usable(t_s):
+                return ValueCheck((ReadingFlag.GAP,), (), tuple(points))
+            return ValueCheck((), (), tuple(points))
+        flags: list[ReadingFlag] = []
+        if skewed:
+            flags.append(ReadingFlag.CLOCK_SKEW)
+        if epoch_start:
+            flags.append(ReadingFlag.EPOCH_START)
+        if points and self._note_usable(t_s):
+            flags.append(ReadingFlag.GAP)
+        for _name, quality, _detail in problems or ():
+            self.stats.count(quality)
+        return ValueCheck(tuple(flags), tuple(problems or ()), tuple(points))
+
+    # The rules, shared by `validate` and `check_values`.
+
+    def _admit(self, t: float) -> bool:
+        """Whether a reading at `t` is new; a new one becomes the last reading seen."""
+        last = self._last_read_at
+        if last is not None and t <= last:
+            if t == last:
+                self.stats.duplicates_dropped += 1
+            else:
+                self.stats.stale_dropped += 1
+            return False
+        if self._reset_at is not None and t < self._reset_at:
+            self.stats.stale_dropped += 1
+            return False
+        self._last_read_at = t
+        return True
+
+    def _note_usable(self, t: float) -> bool:
+        """Record a reading with usable counters at `t`; True when it comes after a gap."""
+        gap = self._last_usable_at is not None and t - self._last_usable_at > self.settings.gap_s
+        self._last_usable_at = t
+        return gap
+
+    def _accept_counter(
+        self, name: str, raw: Number | None, t: float
+    ) -> tuple[Quality | None, str, int | None, bool]:
+        """(problem, detail, accepted unwrapped value, first of its epoch) for one counter value."""
+        if type(raw) is not int:
             raise TypeError(f"{self.meter_id} {name}: energy counters are whole Wh, got {raw!r}")
-        state = self._counters.setdefault(name, _CounterState())
-        limits = self.limits.get(name, QuantityLimits())
+        state = self._counters.get(name)
+        if state is None:
+            state = self._counters[name] = _CounterState()
         unwrapped = raw + state.offset_wh
+        last_wh, last_t = state.last_wh, state.last_t
+        if last_wh is not None and last_t is not None and unwrapped >= last_wh:
+            # The common case: the counter moved forward; only its rate needs a look.
+            max_rate_w = self._max_rate_w.get(name)
+            if max_rate_w is None or unwrapped - last_wh <= (
+                int(max_rate_w * (t - last_t if t > last_t else 0.0) / SECONDS_PER_HOUR)
+                + self.settings.counter_slack_wh
+            ):
+                state.last_wh, state.last_t = unwrapped, t
+                return None, "", unwrapped, False
         if state.last_wh is None or state.last_t is None:
             state.last_wh, state.last_t = unwrapped, t
-            return value, unwrapped, True
-        dt = max(t - state.last_t, 0.0)
+            return None, "", unwrapped, True
+        limits = self.limits.get(name, _NO_LIMITS)
+        dt = t - state.last_t if t > state.last_t else 0.0
         allowed = self._allowed_rise_wh(limits, dt)
         if unwrapped < state.last_wh:
             rollover = limits.rollover_wh
@@ -290,19 +338,67 @@ class MeterValidator:
                 if wrapped >= state.last_wh and (allowed is None or wrapped - state.last_wh <= allowed):
                     state.offset_wh += rollover
                     state.last_wh, state.last_t = wrapped, t
-                    return value, wrapped, False
+                    return None, "", wrapped, False
             detail = f"{raw} below the last accepted {state.last_wh - state.offset_wh} without a reset event"
-            return QuantityValue.invalid(Quality.COUNTER_BACKWARDS, detail), None, False
+            return Quality.COUNTER_BACKWARDS, detail, None, False
         if allowed is not None and unwrapped - state.last_wh > allowed:
             detail = (
                 f"rose {unwrapped - state.last_wh} Wh in {dt:.1f} s, more than {allowed} Wh "
                 f"at {limits.max_rate_w} W"
             )
-            return QuantityValue.invalid(Quality.COUNTER_JUMP, detail), None, False
+            return Quality.COUNTER_JUMP, detail, None, False
         state.last_wh, state.last_t = unwrapped, t
-        return value, unwrapped, False
+        return None, "", unwrapped, False
 
     def _allowed_rise_wh(self, limits: QuantityLimits, dt_s: float) -> int | None:
         if limits.max_rate_w is None:
             return None
         return int(limits.max_rate_w * dt_s / SECONDS_PER_HOUR) + self.settings.counter_slack_wh
+
+    # State that must outlive the process (see `snapshot`).
+
+    def snapshot(self) -> dict[str, Any]:
+        """The validator's state as JSON-ready data; `restore` takes it back."""
+        return {
+            "last_read_at": self._last_read_at,
+            "last_usable_at": self._last_usable_at,
+            "reset_at": self._reset_at,
+            "counters": {
+                name: [state.epoch, state.last_wh, state.last_t, state.offset_wh]
+                for name, state in self._counters.items()
+            },
+        }
+
+    def restore(self, data: Mapping[str, Any]) -> None:
+        """Take back the state of `snapshot` (the meter's limits and settings stay as configured)."""
+        try:
+            self._last_read_at = _opt_float(data["last_read_at"])
+            self._last_usable_at = _opt_float(data["last_usable_at"])
+            self._reset_at = _opt_float(data["reset_at"])
+            counters: dict[str, _CounterState] = {}
+            for name, (epoch, last_wh, last_t, offset_wh) in dict(data["counters"]).items():
+                counters[str(name)] = _CounterState(
+                    epoch=int(epoch),
+                    last_wh=None if last_wh is None else int(last_wh),
+                    last_t=_opt_float(last_t),
+                    offset_wh=int(offset_wh),
+                )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"meter {self.meter_id}: unreadable validator state: {exc!r}") from None
+        self._counters = counters
+
+
+def _opt_float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+_NO_LIMITS = QuantityLimits()
+
+
+@dataclass(frozen=True, slots=True)
+class ValueCheck:
+    """What `check_values` found: reading flags, invalid values (name, quality, detail), accepted counters."""
+
+    flags: tuple[ReadingFlag, ...]
+    problems: tuple[tuple[str, Quality, str], ...]
+    points: tuple[EpochPoint, ...]
