@@ -123,6 +123,12 @@ class EventConsumer(Generic[E]):
                     poisoned += 1
                     continue
                 event_id = event.event_id or delivery.event_id
+                if not event_id:
+                    self._poison(
+                        delivery, "", EventError("header.event_id: is required (and no Nats-Msg-Id)")
+                    )
+                    poisoned += 1
+                    continue
                 savepoint = conn.begin_nested()
                 try:
                     if record_in_inbox(conn, self.durable, event_id):

@@ -280,7 +280,10 @@ def publish(nats_url: str, items: list[Published]) -> None:
         bus = await NatsBus.connect(nats_url, name="test")
         await bus.ensure_streams()
         for item in items:
-            await bus.publish(item.subject, item.payload, event_id=item.msg_id)
+            if item.msg_id:
+                await bus.publish(item.subject, item.payload, event_id=item.msg_id)
+            else:  # no Nats-Msg-Id at all
+                await bus.js.publish(item.subject, item.payload)
         await bus.close()
 
     asyncio.run(run())

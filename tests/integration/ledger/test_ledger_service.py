@@ -42,6 +42,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import text
 
 from services.domain.credentials import make_token
+from services.gen.p2pgrid.common.v1 import common_pb2
 from services.gen.p2pgrid.events.v1 import events_pb2
 from services.gen.p2pgrid.ledger.v1 import ledger_pb2 as pb
 from services.ledger.adapters.keys import parse_public_key
@@ -349,12 +350,20 @@ def test_a_contradicting_or_unreadable_event_is_refused_and_changes_nothing(sett
                 energy_event(9, (("m-bob", "bob", 0, 901, events_pb2.ENERGY_FLAG_MEASURED),)),
                 "interval-energy-contradiction",
             ),
+            # No event id in the message and no Nats-Msg-Id: it could not be applied exactly once.
+            Published(
+                keyed(INTERVAL_ENERGY, INTERVAL_START_S),
+                events_pb2.IntervalEnergy(
+                    interval=common_pb2.Interval(start_s=INTERVAL_START_S, length_s=900)
+                ).SerializeToString(),
+                "",
+            ),
         ],
     )
     wait_until(lambda: consumers_pending(settled.nats_url) == 0, what="the events acked")
     wait_until(
-        lambda: len(settled.ledger.logged("event refused, acked without effect")) == refused_before + 3,
-        what=f"three refusals in\n{settled.ledger.log_tail()}",
+        lambda: len(settled.ledger.logged("event refused, acked without effect")) == refused_before + 4,
+        what=f"four refusals in\n{settled.ledger.log_tail()}",
     )
     time.sleep(0.5)  # a settlement, were one due, would run in this time
     assert settled.ledger.process is not None and settled.ledger.process.poll() is None
@@ -365,13 +374,14 @@ def test_a_contradicting_or_unreadable_event_is_refused_and_changes_nothing(sett
         )
     assert after == before
     errors = sorted(
-        line["error"] for line in settled.ledger.logged("event refused, acked without effect")[-3:]
+        line["error"] for line in settled.ledger.logged("event refused, acked without effect")[-4:]
     )
-    assert "already has another clearing result" in errors[0]
+    assert errors[0].startswith("header.event_id: is required")
+    assert "already has another clearing result" in errors[1]
     assert (
-        errors[1].startswith("meter 'm-bob' in interval") and "contradicts the measured 0/900 Wh" in errors[1]
+        errors[2].startswith("meter 'm-bob' in interval") and "contradicts the measured 0/900 Wh" in errors[2]
     )
-    assert errors[2].startswith("not an IntervalEnergy event")
+    assert errors[3].startswith("not an IntervalEnergy event")
 
 
 def test_a_broken_balance_invariant_stops_the_service_with_a_non_zero_exit(
