@@ -80,7 +80,6 @@ class EventConsumer(Generic[E]):
     def __init__(
         self,
         *,
-        name: str,
         bus: NatsBus,
         store: LedgerStore,
         writer: Executor,
@@ -94,7 +93,6 @@ class EventConsumer(Generic[E]):
         ack_wait_s: float,
         fault_pause_after_commit_s: float = 0.0,
     ) -> None:
-        self.name = name
         self.bus = bus
         self.store = store
         self.writer = writer
@@ -238,7 +236,6 @@ def clearing_consumer(
         store.stage_clearing(event.clearing, connection=conn)
 
     return EventConsumer(
-        name="clearing results",
         bus=bus,
         store=store,
         writer=writer,
@@ -273,7 +270,6 @@ def energy_consumer(
             store.stage_meter_readings(market_id, event.interval_start_s, event.readings, connection=conn)
 
     return EventConsumer(
-        name="interval energy",
         bus=bus,
         store=store,
         writer=writer,
