@@ -3,82 +3,154 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import signal
 import sys
 import tempfile
 import time
 from pathlib import Path
-from types import FrameType
-from typing import Any
 
-from services.domain.intervals import DEFAULT_INTERVAL_S, Interval
+from services.domain.intervals import DEFAULT_GATE_CLOSURE_S, DEFAULT_INTERVAL_S, Interval
+
+DEFAULT_GRID = Path(__file__).resolve().parents[2] / "deploy" / "grids" / "lv_feeder.yaml"
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = commands.add_parser(
         "up",
-        help="run the whole market locally (nats-server, five services, simulated clock)",
+        help="run the whole market locally (nats-server, five services, prosumer bots, simulated clock)",
         description="Start nats-server from the wheel and the five services with SQLite in a work folder, "
-        "on a simulated clock, and show progress until the intervals are done or Ctrl-C.",
+        "on a simulated clock, with prosumer bots trading; show each interval as it clears and settles, "
+        "until the intervals are done or Ctrl-C.",
     )
+    parser.add_argument("--prosumers", type=int, default=12, help="prosumer bots (default 12)")
     parser.add_argument("--intervals", type=int, default=8, help="delivery intervals to run (default 8)")
-    parser.add_argument("--speedup", type=float, default=60.0, help="simulated seconds per wall second (default 60)")
-    parser.add_argument("--grid", default="", help="network YAML (default: the sample feeder when available)")
-    parser.add_argument("--workdir", default="", help="folder for databases, logs and NATS (default: a temporary one)")
+    parser.add_argument(
+        "--speedup", type=float, default=60.0, help="simulated seconds per wall second (default 60)"
+    )
+    parser.add_argument(
+        "--grid",
+        default="",
+        help=f"network YAML (default {DEFAULT_GRID.relative_to(DEFAULT_GRID.parents[2])})",
+    )
+    parser.add_argument(
+        "--workdir", default="", help="folder for databases, logs and NATS (default: a temporary one)"
+    )
     parser.set_defaults(func=run_up)
 
 
+def _error(message: str) -> int:
+    print(f"p2pgrid up: error: {message}", file=sys.stderr)
+    return 2
+
+
 def run_up(args: argparse.Namespace) -> int:
-    from services.stack.supervisor import Stack, StackConfig
+    from services.domain.grid import ConsistencyError, load_grid
 
     if args.intervals <= 0:
-        print("p2pgrid up: error: --intervals must be positive", file=sys.stderr)
-        return 2
+        return _error("--intervals must be positive")
     if args.speedup <= 0:
-        print("p2pgrid up: error: --speedup must be positive", file=sys.stderr)
-        return 2
+        return _error("--speedup must be positive")
+    if args.prosumers < 0:
+        return _error("--prosumers must not be negative")
+    grid_path = Path(args.grid) if args.grid else DEFAULT_GRID
+    try:
+        grid = load_grid(grid_path)
+    except (OSError, ConsistencyError, ValueError) as exc:
+        return _error(f"--grid {grid_path}: {exc}")
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="p2pgrid-up-"))
-    first = Interval.containing(time.time()).next()
-    # Start the simulated day just before the first interval's gate closes, so trading starts at once.
-    sim_start_s = float(first.start_s - DEFAULT_INTERVAL_S)
-    stack = Stack(StackConfig(workdir=workdir, sim_start_s=sim_start_s, speedup=args.speedup, grid_path=args.grid))
-    stopping = False
+    return asyncio.run(_run(args, grid, grid_path, workdir))
 
-    def _stop(_signum: int, _frame: FrameType | None) -> None:
-        nonlocal stopping
-        stopping = True
 
-    signal.signal(signal.SIGINT, _stop)
-    signal.signal(signal.SIGTERM, _stop)
+async def _run(args: argparse.Namespace, grid: object, grid_path: Path, workdir: Path) -> int:
+    from services.domain.grid import Grid
+    from services.domain.intervals import SimulatedClock
+    from services.stack.market import MarketProgress, follow_streams, run_bots
+    from services.stack.supervisor import Stack, StackConfig
+
+    assert isinstance(grid, Grid)
+    interval_s = DEFAULT_INTERVAL_S
+    # The simulated market opens at the next interval boundary of the wall clock.
+    sim_start_s = float(Interval.containing(time.time()).next().start_s - interval_s)
+    stack = Stack(
+        StackConfig(
+            workdir=workdir,
+            sim_start_s=sim_start_s,
+            speedup=args.speedup,
+            grid_path=str(grid_path),
+            extra_env={"order_book": {"P2PGRID_ORDER_BOOK_GRID_FILE": str(grid_path)}},
+        )
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
     print(f"p2pgrid up: work folder {workdir}", flush=True)
     try:
-        stack.start()
+        await asyncio.to_thread(stack.start)
     except (RuntimeError, TimeoutError) as exc:
         print(f"p2pgrid up: error: {exc}", file=sys.stderr)
-        stack.stop()
+        await asyncio.to_thread(stack.stop)
         return 1
     for name, service in stack.services.items():
-        print(f"  {name:<13} gRPC 127.0.0.1:{service.grpc_port}  metrics http://127.0.0.1:{service.metrics_port}/metrics")
-    end_s = first.start_s + args.intervals * DEFAULT_INTERVAL_S
-    clock_start = time.time()
-    while not stopping:
-        sim_now_s = sim_start_s + (time.time() - clock_start) * args.speedup
-        for event in stack.check():
-            print(f"  ! {event}", flush=True)
-        done = max(0, int((sim_now_s - first.start_s) // DEFAULT_INTERVAL_S))
         print(
-            f"\r  simulated {Interval.containing(sim_now_s).iso()}  intervals {min(done, args.intervals)}/{args.intervals}",
-            end="",
-            flush=True,
+            f"  {name:<13} gRPC 127.0.0.1:{service.grpc_port}  metrics http://127.0.0.1:{service.metrics_port}/metrics"
         )
-        if sim_now_s >= end_s:
+    clock = SimulatedClock(sim_start_s, args.speedup, stack.anchor_wall_s)
+    progress = MarketProgress()
+    follower = asyncio.create_task(follow_streams(stack.nats.url, progress, stop))
+    target = f"127.0.0.1:{stack.services['order_book'].grpc_port}"
+    bots = await run_bots(
+        target,
+        grid,
+        args.prosumers,
+        clock,
+        stop,
+        interval_s=interval_s,
+        gate_closure_s=DEFAULT_GATE_CLOSURE_S,
+    )
+    print(
+        f"  {args.prosumers} prosumer bots trading on {grid_path.name} ({len(grid.nodes)} nodes)", flush=True
+    )
+    # The first interval traded is the first whose gate closes at least a few wall seconds from now,
+    # so that every bot has registered and bid, whatever the speed-up.
+    bidding_s = DEFAULT_GATE_CLOSURE_S + 5.0 * args.speedup
+    first_start_s = (int((clock.now_s() + bidding_s) // interval_s) + 1) * interval_s
+    wanted = [first_start_s + i * interval_s for i in range(args.intervals)]
+    # Give the last interval its gate closure, clearing and settlement, then a margin of one interval.
+    deadline_sim_s = wanted[-1] + 2 * interval_s
+    shown: set[int] = set()
+    while not stop.is_set():
+        for event in await asyncio.to_thread(stack.check):
+            print(f"  ! {event}", flush=True)
+        for start_s in wanted:
+            summary = progress.intervals.get(start_s)
+            if summary is not None and summary.cleared and start_s not in shown:
+                shown.add(start_s)
+                prices = sorted(summary.prices_micro_per_kwh.values()) or [0]
+                print(
+                    f"  {Interval(start_s).iso()}  orders {summary.orders:>4}  traded {summary.volume_wh / 1000:>9.3f} kWh"
+                    f"  price {prices[0] / 1e6:.4f}..{prices[-1] / 1e6:.4f}/kWh"
+                    f"  binding {','.join(summary.binding_lines) or '-'}",
+                    flush=True,
+                )
+        cleared, settled = progress.cleared(wanted), progress.settled(wanted)
+        if cleared == len(wanted) and settled == len(wanted):
             break
-        time.sleep(0.5)
-    print()
-    codes: dict[str, Any] = stack.stop()
+        if clock.now_s() >= deadline_sim_s + interval_s:
+            break
+        await asyncio.sleep(0.5)
+    stop.set()
+    await asyncio.gather(*bots, follower, return_exceptions=True)
+    codes = await asyncio.to_thread(stack.stop)
+    cleared, settled = progress.cleared(wanted), progress.settled(wanted)
+    print(
+        f"p2pgrid up: {cleared}/{len(wanted)} intervals cleared, {settled}/{len(wanted)} settled", flush=True
+    )
     failed = {name: code for name, code in codes.items() if code != 0}
     if failed:
-        print(f"p2pgrid up: services exited with errors: {failed}", file=sys.stderr)
+        print(
+            f"p2pgrid up: services exited with errors: {failed}; logs in {workdir / 'logs'}", file=sys.stderr
+        )
         return 1
-    print("p2pgrid up: stopped cleanly", flush=True)
-    return 0
+    return 0 if cleared == len(wanted) and settled == len(wanted) else 1

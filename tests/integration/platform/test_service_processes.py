@@ -14,11 +14,19 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from services.platform.nats_server import NatsServer
 
 SERVICES = ("meter_ingest", "order_book", "matcher", "grid_check", "ledger")
 WITH_DATABASE = {"meter_ingest", "order_book", "grid_check", "ledger"}
+DOMAIN_SERVICE = {
+    "meter_ingest": "p2pgrid.meteringest.v1.MeterIngest",
+    "order_book": "p2pgrid.orderbook.v1.OrderBook",
+    "matcher": "p2pgrid.matcher.v1.Matcher",
+    "grid_check": "p2pgrid.gridcheck.v1.GridCheck",
+    "ledger": "p2pgrid.ledger.v1.Ledger",
+}
 
 
 def start_service(
@@ -57,6 +65,14 @@ def health_status(port: int, service: str = "") -> int:
         return int(response.status)
 
 
+def reflected_services(port: int) -> set[str]:
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        request = reflection_pb2.ServerReflectionRequest(list_services="")
+        (response,) = list(stub.ServerReflectionInfo(iter([request]), timeout=5))
+        return {service.name for service in response.list_services_response.service}
+
+
 def test_all_five_services_serve_health_and_metrics_and_exit_zero_on_sigterm(
     nats_server: NatsServer, tmp_path: Path
 ) -> None:
@@ -65,6 +81,12 @@ def test_all_five_services_serve_health_and_metrics_and_exit_zero_on_sigterm(
         ports = {name: wait_ready(*started[name]) for name in SERVICES}
         for name in SERVICES:
             assert health_status(ports[name]["grpc_port"]) == health_pb2.HealthCheckResponse.SERVING, name
+            reflected = reflected_services(ports[name]["grpc_port"])
+            assert {
+                "grpc.health.v1.Health",
+                "grpc.reflection.v1alpha.ServerReflection",
+                DOMAIN_SERVICE[name],
+            } <= reflected, name
             body = urllib.request.urlopen(
                 f"http://127.0.0.1:{ports[name]['metrics_port']}/metrics", timeout=5
             ).read()

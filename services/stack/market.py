@@ -1,0 +1,132 @@
+"""The market traffic of `p2pgrid up`: prosumer bots trading through the order book, and progress read from the streams.
+
+Prosumers sit at the grid's household nodes (the leaves of the network, the
+slack excepted). Every fourth is a home battery, every fourth an EV owner and
+the rest PV prosumers; their keys derive from their number, so a rerun in the
+same work folder is the same market. Progress comes from what the services
+publish: one clearing result per interval on the CLEARING stream and one
+settlement notice per interval on the LEDGER stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from services.domain.grid import Grid
+from services.domain.intervals import SimulatedClock
+from services.gen.p2pgrid.events.v1 import events_pb2
+from services.platform.nats_bus import NatsBus
+from services.platform.subjects import CLEARING_RESULT, LEDGER_SETTLED
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class IntervalSummary:
+    """What one interval came to, as the services published it."""
+
+    start_s: int
+    cleared: bool = False
+    orders: int = 0
+    volume_wh: int = 0
+    welfare_nano: int = 0
+    prices_micro_per_kwh: dict[str, int] = field(default_factory=dict)
+    binding_lines: list[str] = field(default_factory=list)
+    settled_transfers: int | None = None
+    traded_amount_nano: int | None = None
+
+
+@dataclass
+class MarketProgress:
+    intervals: dict[int, IntervalSummary] = field(default_factory=dict)
+
+    def summary(self, start_s: int) -> IntervalSummary:
+        return self.intervals.setdefault(start_s, IntervalSummary(start_s))
+
+    def cleared(self, among: list[int]) -> int:
+        return sum(1 for s in among if s in self.intervals and self.intervals[s].cleared)
+
+    def settled(self, among: list[int]) -> int:
+        return sum(
+            1 for s in among if s in self.intervals and self.intervals[s].settled_transfers is not None
+        )
+
+
+def household_nodes(grid: Grid) -> list[str]:
+    """The leaves of the network other than the slack: where households connect."""
+    degree = {node_id: 0 for node_id in grid.node_ids}
+    for line in grid.lines:
+        degree[line.from_node] += 1
+        degree[line.to_node] += 1
+    leaves = [node_id for node_id, d in degree.items() if d == 1 and node_id != grid.slack]
+    return leaves or [node_id for node_id in grid.node_ids if node_id != grid.slack] or [grid.slack]
+
+
+def prosumer_roles(count: int) -> list[str]:
+    return ["battery" if i % 4 == 3 else "ev" if i % 4 == 2 else "pv" for i in range(count)]
+
+
+async def run_bots(
+    target: str,
+    grid: Grid,
+    prosumers: int,
+    clock: SimulatedClock,
+    stop: asyncio.Event,
+    *,
+    interval_s: int,
+    gate_closure_s: int,
+) -> list[asyncio.Task[object]]:
+    """Start one bot task per prosumer; they run until `stop` is set."""
+    from examples.bots import battery, ev, pv
+    from examples.bots.common import MarketTiming
+    from services.order_book.client import BotKey
+
+    timing = MarketTiming(
+        clock=clock, interval_s=interval_s, gate_closure_s=gate_closure_s, horizon_intervals=8
+    )
+    nodes = household_nodes(grid)
+    runners: dict[str, Callable[..., object]] = {"pv": pv.run, "ev": ev.run, "battery": battery.run}
+    tasks: list[asyncio.Task[object]] = []
+    for number, role in enumerate(prosumer_roles(prosumers)):
+        key = BotKey.from_seed(hashlib.sha256(f"p2pgrid-prosumer-{number}".encode()).digest())
+        node_id = nodes[number % len(nodes)]
+        coroutine = runners[role](target, key, node_id, timing, stop)
+        tasks.append(asyncio.create_task(coroutine, name=f"{role}-{number}"))  # type: ignore[arg-type]
+    return tasks
+
+
+async def follow_streams(nats_url: str, progress: MarketProgress, stop: asyncio.Event) -> None:
+    """Record every clearing result and settlement notice into `progress` until `stop` is set."""
+    bus = await NatsBus.connect(nats_url, name="p2pgrid-up")
+    await bus.ensure_streams()
+
+    async def clearing() -> None:
+        async for deliveries in bus.pull("CLEARING", "p2pgrid-up-results", f"{CLEARING_RESULT}.>", stop=stop):
+            for delivery in deliveries:
+                result = events_pb2.ClearingResultEvent.FromString(delivery.data).result
+                summary = progress.summary(int(result.interval.start_s))
+                summary.orders = len(result.orders)
+                summary.volume_wh = sum(t.energy_wh for t in result.trades)
+                summary.welfare_nano = result.welfare_nano
+                summary.prices_micro_per_kwh = {n.node_id: n.price_micro_per_kwh for n in result.nodes}
+                summary.binding_lines = [line.line_id for line in result.lines if line.binding]
+                summary.cleared = True
+                await delivery.ack()
+
+    async def settlement() -> None:
+        async for deliveries in bus.pull("LEDGER", "p2pgrid-up-settled", f"{LEDGER_SETTLED}.>", stop=stop):
+            for delivery in deliveries:
+                settled = events_pb2.IntervalSettled.FromString(delivery.data)
+                summary = progress.summary(int(settled.interval_start_s))
+                summary.settled_transfers = int(settled.transfers)
+                summary.traded_amount_nano = int(settled.traded_amount_nano)
+                await delivery.ack()
+
+    try:
+        await asyncio.gather(clearing(), settlement())
+    finally:
+        await bus.close()
