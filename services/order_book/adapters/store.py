@@ -83,6 +83,8 @@ MIGRATIONS = "services.order_book.adapters.migrations"
 VERSION_TABLE = "alembic_version_order_book"
 PRODUCER = "order_book"
 _IN_CHUNK = 400
+# Placements stored with COPY on PostgreSQL from this many rows on.
+_COPY_MIN_ROWS = 64
 
 _big = BigInteger().with_variant(Integer(), "sqlite")
 metadata = MetaData()
@@ -339,6 +341,7 @@ class BookStore:
         mark = "?" if engine.dialect.name == "sqlite" else "%s"
         self._insert_sql = f"INSERT INTO ob_orders ({', '.join(_INSERT_COLUMNS)}) VALUES ({', '.join([mark] * len(_INSERT_COLUMNS))})"
         self._postgres = engine.dialect.name == "postgresql"
+        self._copy_sql = f"COPY ob_orders ({', '.join(_INSERT_COLUMNS)}) FROM STDIN"
         # The writer's own driver connection for placements (see apply_ops).
         self._raw: Any = None
         self._id_maker = OrderIds()
@@ -659,7 +662,13 @@ class BookStore:
     def _flush(self, txn: _Txn) -> None:
         if not txn.pending:
             return
-        txn.cursor.executemany(self._insert_sql, txn.pending)
+        if self._postgres and len(txn.pending) >= _COPY_MIN_ROWS:
+            # COPY moves a batch into PostgreSQL at about twice the rate of executemany.
+            with txn.cursor.copy(self._copy_sql) as copy:
+                for row in txn.pending:
+                    copy.write_row(row)
+        else:
+            txn.cursor.executemany(self._insert_sql, txn.pending)
         if self.publish_order_events:
             for row in txn.pending:
                 mapping = dict(zip(_INSERT_COLUMNS, row, strict=True))

@@ -326,3 +326,23 @@ def test_order_events_are_published_when_enabled(
     ]
     assert all(e.interval_start_s == start_s and e.order.participant_id == key.participant_id for e in events)
     assert [e.order.book_seq for e in events[:3]] == [first.book_seq, second.book_seq, amended.book_seq]
+
+
+def test_a_large_batch_is_stored_exactly_as_sent(market: Market) -> None:
+    key = market.participant()
+    sent = [
+        order(
+            key,
+            market.open_s,
+            energy_wh=100 + i,
+            price_micro_per_kwh=50_000 + 100 * i,
+            client_order_id=f"big-{i:03d}",
+        )
+        for i in range(300)
+    ]
+    response = market.book.PlaceOrders(pb.PlaceOrdersRequest(orders=sent), metadata=auth(key), timeout=30)
+    assert all(r.HasField("receipt") for r in response.results)
+    stored = market.book.ListOrders(pb.ListOrdersRequest(page_size=1000), metadata=auth(key)).orders
+    assert [(o.body, o.signature) for o in stored] == [(s.body, s.signature) for s in sent]
+    seqs = [o.book_seq for o in stored]
+    assert seqs == list(range(seqs[0], seqs[0] + 300))
