@@ -409,6 +409,7 @@ def test_a_broken_balance_invariant_stops_the_service_with_a_non_zero_exit(
 
 
 @pytest.mark.postgres
+@pytest.mark.slow
 def test_the_service_settles_on_postgresql_as_on_sqlite(
     nats_server: NatsServer, postgres_url: str, tmp_path: Path
 ) -> None:
