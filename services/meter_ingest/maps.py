@@ -12,11 +12,15 @@ from services.meter_ingest.domain.register_map import RegisterMap, RegisterMapEr
 MAPS_DIR = Path(__file__).resolve().parents[2] / "hw" / "meters"
 
 
-def load_register_map(path: str | Path) -> RegisterMap:
-    """Read and validate one register map file; a bare name like `eastron_sdm120` is looked up in hw/meters."""
+def load_register_map(path: str | Path, maps_dir: str | Path | None = None) -> RegisterMap:
+    """Read and validate one register map file.
+
+    A bare name like `eastron_sdm120` is looked up in `maps_dir` (default: the
+    repository's hw/meters; a deployment mounts its maps elsewhere).
+    """
     candidate = Path(path)
     if not candidate.exists() and candidate.suffix == "" and not candidate.parent.parts:
-        candidate = MAPS_DIR / f"{candidate.name}.yaml"
+        candidate = Path(maps_dir or MAPS_DIR) / f"{candidate.name}.yaml"
     try:
         text = candidate.read_text(encoding="utf-8")
     except OSError as exc:
