@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import signal
@@ -234,7 +235,7 @@ def energy_by_meter(nats_url: str) -> dict[tuple[str, int], list[events_pb2.Mete
 
 def interpolate_wh(points: Sequence[tuple[int, int]], t_ms: int) -> int:
     """The straight-line counter value at `t_ms` between the readings around it, rounded half to even."""
-    for (t0, v0), (t1, v1) in zip(points, points[1:], strict=False):
+    for (t0, v0), (t1, v1) in itertools.pairwise(points):
         if t0 <= t_ms <= t1:
             if t_ms == t0:
                 return v0
@@ -243,7 +244,7 @@ def interpolate_wh(points: Sequence[tuple[int, int]], t_ms: int) -> int:
 
 
 def span_around_ms(points: Sequence[tuple[int, int]], t_ms: int) -> int:
-    for (t0, _), (t1, _) in zip(points, points[1:], strict=False):
+    for (t0, _), (t1, _) in itertools.pairwise(points):
         if t0 <= t_ms <= t1:
             return 0 if t_ms in (t0, t1) else t1 - t0
     raise AssertionError(f"no readings around {t_ms} ms")

@@ -17,11 +17,6 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
-
-from services.domain.intervals import SimulatedClock
-from services.gen.p2pgrid.events.v1 import events_pb2
-from services.gen.p2pgrid.meteringest.v1 import meter_ingest_pb2 as pb
-from services.platform.nats_server import NatsServer
 from meter_service_harness import (
     MeterIngestProcess,
     SimulatedGateway,
@@ -33,6 +28,11 @@ from meter_service_harness import (
     wait_for,
     write_meters_file,
 )
+
+from services.domain.intervals import SimulatedClock
+from services.gen.p2pgrid.events.v1 import events_pb2
+from services.gen.p2pgrid.meteringest.v1 import meter_ingest_pb2 as pb
+from services.platform.nats_server import NatsServer
 
 SPEEDUP = 10.0
 INTERVAL_S = 60
