@@ -60,11 +60,19 @@ class Reading(_message.Message):
     power_w: _builtins.int
     """Total active power, positive when importing from the grid."""
     quality: Global___Quality.ValueType
+    """Must be set. INVALID: no value is usable. ESTIMATED: the values are estimates (published as
+    such, never counted for energy). Published readings are INVALID when any value they carry is
+    unusable or their time is (clock skew).
+    """
     counter_reset: _builtins.bool
     """Explicit counter reset or meter replacement: the counters restart here."""
     @_builtins.property
     def flags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Why a value is invalid or flagged, e.g. "sentinel", "nan", "backwards"."""
+        """Why a value is invalid or flagged, e.g. "sentinel", "nan", "backwards".
+        An unusable value is named "<field>:<reason>" (e.g. "power_w:nan",
+        "energy_import_wh:counter_backwards"), whatever number the field holds; reading-level flags
+        are "gap", "clock_skew", "offline" and "epoch_start" (first counter value after a start or reset).
+        """
 
     def __init__(
         self,
@@ -114,9 +122,13 @@ class PushSummary(_message.Message):
     REJECTED_FIELD_NUMBER: _builtins.int
     ERRORS_FIELD_NUMBER: _builtins.int
     accepted: _builtins.int
+    """Readings validated and acknowledged by the stream (flagged ones included, published as invalid)."""
     rejected: _builtins.int
+    """Readings refused (not the caller's meter, malformed) or dropped as duplicates."""
     @_builtins.property
-    def errors(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def errors(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Why, for the first few rejected readings."""
+
     def __init__(
         self,
         *,

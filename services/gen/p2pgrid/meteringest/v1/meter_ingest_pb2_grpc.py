@@ -47,6 +47,9 @@ class MeterIngestServicer:
 
     def PushReadings(self, request_iterator, context):
         """Client-streaming push; authenticated per meter. Readings may come several to a message.
+        Every call carries `authorization: Bearer <token>` for audience p2pgrid.meteringest.v1; the
+        token's key decides which meters the caller may push (the meters file lists each meter's keys).
+        Readings for other meters are rejected and counted, never published.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

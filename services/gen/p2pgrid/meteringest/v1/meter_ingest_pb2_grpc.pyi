@@ -33,13 +33,21 @@ class MeterIngestStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> MeterIngestAsyncStub: ...
     PushReadings: _grpc.StreamUnaryMultiCallable[_meter_ingest_pb2.ReadingBatch, _meter_ingest_pb2.PushSummary]
-    """Client-streaming push; authenticated per meter. Readings may come several to a message."""
+    """Client-streaming push; authenticated per meter. Readings may come several to a message.
+    Every call carries `authorization: Bearer <token>` for audience p2pgrid.meteringest.v1; the
+    token's key decides which meters the caller may push (the meters file lists each meter's keys).
+    Readings for other meters are rejected and counted, never published.
+    """
 
 @_typing.type_check_only
 class MeterIngestAsyncStub(MeterIngestStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     PushReadings: _aio.StreamUnaryMultiCallable[_meter_ingest_pb2.ReadingBatch, _meter_ingest_pb2.PushSummary]  # type: ignore[assignment]
-    """Client-streaming push; authenticated per meter. Readings may come several to a message."""
+    """Client-streaming push; authenticated per meter. Readings may come several to a message.
+    Every call carries `authorization: Bearer <token>` for audience p2pgrid.meteringest.v1; the
+    token's key decides which meters the caller may push (the meters file lists each meter's keys).
+    Readings for other meters are rejected and counted, never published.
+    """
 
 class MeterIngestServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -48,6 +56,10 @@ class MeterIngestServicer(metaclass=_abc_1.ABCMeta):
         request_iterator: _MaybeAsyncIterator[_meter_ingest_pb2.ReadingBatch],
         context: _ServicerContext,
     ) -> _typing.Union[_meter_ingest_pb2.PushSummary, _abc.Awaitable[_meter_ingest_pb2.PushSummary]]:
-        """Client-streaming push; authenticated per meter. Readings may come several to a message."""
+        """Client-streaming push; authenticated per meter. Readings may come several to a message.
+        Every call carries `authorization: Bearer <token>` for audience p2pgrid.meteringest.v1; the
+        token's key decides which meters the caller may push (the meters file lists each meter's keys).
+        Readings for other meters are rejected and counted, never published.
+        """
 
 def add_MeterIngestServicer_to_server(servicer: MeterIngestServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
