@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -14,8 +15,11 @@ SERVICES = ("meter_ingest", "order_book", "matcher", "grid_check", "ledger")
 WITH_DATABASE = {"meter_ingest", "order_book", "grid_check", "ledger"}
 
 
-def database_args(service: str) -> list[str]:
-    return ["--database-url", "sqlite:///:memory:"] if service in WITH_DATABASE else []
+def database_args(service: str, folder: Path | None = None) -> list[str]:
+    if service not in WITH_DATABASE:
+        return []
+    # A file database, so that services which keep files beside it (the ledger's key) find a folder.
+    return ["--database-url", f"sqlite:///{folder / service}.db" if folder else "sqlite:///:memory:"]
 
 
 def run(service: str, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -69,7 +73,7 @@ def test_a_missing_required_setting_names_the_flag_and_the_variable() -> None:
 
 
 @pytest.mark.parametrize("service", SERVICES)
-def test_an_unreachable_nats_at_start_names_the_setting(service: str, tmp_path: object) -> None:
+def test_an_unreachable_nats_at_start_names_the_setting(service: str, tmp_path: Path) -> None:
     port = free_port()
     result = run(
         service,
@@ -77,6 +81,6 @@ def test_an_unreachable_nats_at_start_names_the_setting(service: str, tmp_path: 
         f"nats://127.0.0.1:{port}",
         "--nats-connect-timeout-s",
         "0.5",
-        *database_args(service),
+        *database_args(service, tmp_path),
     )
     assert_one_line_error(result, "--nats-url", f"127.0.0.1:{port}")
