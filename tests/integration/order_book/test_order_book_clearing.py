@@ -62,6 +62,26 @@ def state(book: pb_grpc.OrderBookStub, key: BotKey, order_id: str) -> int:
     return int(book.GetOrder(pb.GetOrderRequest(order_id=order_id), metadata=auth(key), timeout=10).state)
 
 
+def test_a_retry_after_gate_closure_returns_the_first_receipt_and_a_new_order_is_refused(
+    order_book_factory: OrderBookFactory, sqlite_url: str, nats_server: NatsServer
+) -> None:
+    process = order_book_factory(sqlite_url, speedup=SPEEDUP)
+    _channel, book = stub(process.target)
+    buyer = BotKey.generate()
+    register(book, buyer, "n1")
+    start_s = next_interval_with_margin(process, 1.5)
+    placed = order(buyer, start_s, client_order_id="b-retried")
+    first = book.PlaceOrder(placed, metadata=auth(buyer))
+    wait_for_request(nats_server.url, start_s)
+    # A client whose answer was lost retries after the gate: it gets the receipt it missed.
+    again = book.PlaceOrder(placed, metadata=auth(buyer))
+    assert (again.order_id, again.book_seq) == (first.order_id, first.book_seq)
+    with pytest.raises(grpc.RpcError) as refused:
+        book.PlaceOrder(order(buyer, start_s, client_order_id="b-too-late"), metadata=auth(buyer))
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "interval_start_s" in details(refused.value)
+
+
 def test_gate_closure_freezes_the_interval_and_sends_one_clearing_request_of_its_live_orders(
     order_book_factory: OrderBookFactory, sqlite_url: str, nats_server: NatsServer
 ) -> None:
@@ -86,9 +106,9 @@ def test_gate_closure_freezes_the_interval_and_sends_one_clearing_request_of_its
         ),
         metadata=auth(buyer),
     )
-    later = book.PlaceOrder(
-        order(buyer, start_s + process.interval_s, client_order_id="b-later"), metadata=auth(buyer)
-    )
+    # Three intervals on, so that its own gate is still open when the test looks (6 s of wall time).
+    later_start_s = start_s + 3 * process.interval_s
+    later = book.PlaceOrder(order(buyer, later_start_s, client_order_id="b-later"), metadata=auth(buyer))
 
     request = wait_for_request(nats_server.url, start_s)
     assert request.interval.start_s == start_s and request.interval.length_s == process.interval_s
@@ -105,7 +125,7 @@ def test_gate_closure_freezes_the_interval_and_sends_one_clearing_request_of_its
     assert state(book, buyer, new.order_id) == pb.ORDER_STATE_FROZEN
     assert state(book, buyer, later.order_id) == pb.ORDER_STATE_LIVE
     metrics = process.metrics()
-    assert f'p2pgrid_orders_live{{interval="{start_s + process.interval_s}"}} 1.0' in metrics
+    assert f'p2pgrid_orders_live{{interval="{later_start_s}"}} 1.0' in metrics
     assert f'p2pgrid_orders_live{{interval="{start_s}"}}' not in metrics
     for call in (
         lambda: book.PlaceOrder(order(buyer, start_s, client_order_id="too-late"), metadata=auth(buyer)),
