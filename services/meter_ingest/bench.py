@@ -204,3 +204,225 @@ def run_poll_bench(
             and result["missed_pct"] < TARGET_MISSED_PCT,
         },
     ]
+
+
+# --------------------------------------------------------------------------- the push half
+
+TARGET_PUSH_READINGS_PER_S = 100_000
+PUSH_METHOD = "/p2pgrid.meteringest.v1.MeterIngest/PushReadings"
+# The rate the reading times are planned for; any rate within a few times of it stays inside the clock skew limit.
+PLANNED_READINGS_PER_S = 100_000
+
+
+def _push_messages(meters: int, messages: int, base_ms: int, step_ms: int) -> list[bytes]:
+    """`messages` serialised ReadingBatch messages, each one reading of every meter (a gateway's push)."""
+    from services.gen.p2pgrid.meteringest.v1 import meter_ingest_pb2 as pb
+
+    ids = [f"bench-{i:06d}" for i in range(meters)]
+    out = []
+    for k in range(messages):
+        batch = pb.ReadingBatch()
+        add = batch.readings.add
+        t_ms = base_ms + k * step_ms
+        for i, meter_id in enumerate(ids):
+            # Counters grow 1 Wh (import) and 0.5 Wh (export) per message; power stays plausible.
+            add(
+                meter_id=meter_id,
+                time_ms=t_ms,
+                energy_import_wh=1_000_000 + 1_000 * i + k,
+                energy_export_wh=500_000 + 1_000 * i + k // 2,
+                power_w=1_500,
+                quality=pb.QUALITY_VALID,
+            )
+        out.append(batch.SerializeToString())
+    return out
+
+
+def _cpu_s(pid: int) -> float | None:
+    """User + system CPU seconds of a process (Linux), or None where /proc is not there."""
+    try:
+        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()  # noqa: SIM115
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _metric(body: str, name: str, **labels: str) -> float:
+    wanted = {f'{key}="{value}"' for key, value in labels.items()}
+    total = 0.0
+    for line in body.splitlines():
+        if line.startswith(name + "{"):
+            head, _, value = line.rpartition(" ")
+            if wanted <= set(head[len(name) + 1 : -1].split(",")):
+                total += float(value)
+    return total
+
+
+async def _raw_publish(
+    nats_url: str, batches: list[bytes], per_message: int, in_flight: int
+) -> tuple[float, int]:
+    """The baseline: the same readings as ReadingsBatch messages, serialised beforehand, published by publish_many."""
+    from services.gen.p2pgrid.meteringest.v1 import meter_ingest_pb2 as pb
+    from services.meter_ingest.adapters.convert import readings_messages
+    from services.platform.nats_bus import NatsBus
+
+    prepared = []
+    readings = 0
+    for data in batches:
+        batch = pb.ReadingBatch.FromString(data)
+        for reading in batch.readings:
+            reading.time_ms += 1  # other content than the pushed readings, so no message is a duplicate
+        readings += len(batch.readings)
+        prepared.append(
+            readings_messages(
+                "baseline", batch.readings, producer="bench", emitted_at_ms=0, per_message=per_message
+            )
+        )
+    bus = await NatsBus.connect(nats_url, name="bench-baseline")
+    try:
+        pending: list[asyncio.Task[int]] = []
+        started = time.perf_counter()
+        for items in prepared:
+            pending.append(asyncio.create_task(bus.publish_many(items)))
+            if len(pending) > in_flight:
+                await pending.pop(0)
+        await asyncio.gather(*pending)
+        elapsed = time.perf_counter() - started
+    finally:
+        await bus.close()
+    return readings / elapsed, readings
+
+
+def run_push_bench(
+    *,
+    meters: int = 1000,
+    messages: int = 1000,
+    per_message: int = 500,
+    in_flight: int = 8,
+    map_name: str = "eastron_sdm630_v2",
+) -> list[dict[str, Any]]:
+    """Push readings through a real meter_ingest process into a real nats-server; return the JSON lines.
+
+    One gRPC stream, as a gateway with `meters` meters would send it: every
+    message holds one reading of each meter. The messages are serialised
+    before the clock starts, so the client costs little of the shared CPU;
+    the time runs until the summary arrives, which is after the stream
+    acknowledged every ReadingsBatch. The baseline publishes the same readings,
+    batched the same way and serialised beforehand, straight to JetStream.
+    """
+    import tempfile
+    import urllib.request
+    from pathlib import Path
+
+    import grpc
+    import nacl.signing
+    import yaml
+
+    from services.domain.credentials import METER_INGEST_AUDIENCE, b64url, make_token
+    from services.gen.p2pgrid.meteringest.v1 import meter_ingest_pb2 as pb
+    from services.platform.nats_server import NatsServer
+
+    key = nacl.signing.SigningKey.generate()
+    total = meters * messages
+    with (
+        tempfile.TemporaryDirectory(prefix="p2pgrid-bench-meters-") as tmp,
+        NatsServer(Path(tmp) / "nats") as nats,
+    ):
+        workdir = Path(tmp)
+        meters_path = workdir / "meters.yaml"
+        meters_path.write_text(
+            yaml.safe_dump(
+                {
+                    "meters": [
+                        {
+                            "meter_id": f"bench-{i:06d}",
+                            "participant_id": f"p-bench-{i}",
+                            "node_id": "n0",
+                            "map": map_name,
+                            "push": {"public_keys": [b64url(bytes(key.verify_key))]},
+                        }
+                        for i in range(meters)
+                    ]
+                }
+            )
+        )
+        ready = workdir / "ready.json"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("P2PGRID_")}
+        process = subprocess.Popen(
+            [
+                sys.executable, "-m", "services.meter_ingest", "--nats-url", nats.url,
+                "--database-url", f"sqlite:///{workdir / 'meter_ingest.db'}", "--meters-path", str(meters_path),
+                "--ready-file", str(ready), "--readings-per-message", str(per_message),
+                "--push-in-flight", str(in_flight), "--log-level", "warning",
+            ],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 60
+            while not ready.exists():
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"meter_ingest did not start: {process.stderr.read() if process.stderr else ''}"
+                    )
+                time.sleep(0.05)
+            ports = json.loads(ready.read_text())
+            # Reading times are planned from a few seconds ahead, at the planned rate; serialising takes that long.
+            step_ms = max(1, round(1000 * meters / PLANNED_READINGS_PER_S))
+            base_ms = int(time.time() * 1000) + 2_000 + total // 500
+            batches = _push_messages(meters, messages, base_ms, step_ms)
+            while time.time() * 1000 < base_ms - 1_000:
+                time.sleep(0.01)
+            now = int(time.time())
+            token = make_token(key, METER_INGEST_AUDIENCE, now - 5, now + 3_000)
+            cpu_before = _cpu_s(process.pid)
+            with grpc.insecure_channel(
+                f"127.0.0.1:{ports['grpc_port']}", options=[("grpc.max_send_message_length", 64 << 20)]
+            ) as channel:
+                push = channel.stream_unary(PUSH_METHOD, None, pb.PushSummary.FromString)
+                started = time.perf_counter()
+                summary = push(iter(batches), metadata=(("authorization", f"Bearer {token}"),), timeout=600)
+                elapsed = time.perf_counter() - started
+            cpu_after = _cpu_s(process.pid)
+            body = (
+                urllib.request.urlopen(f"http://127.0.0.1:{ports['metrics_port']}/metrics", timeout=10)
+                .read()
+                .decode()
+            )
+            raw_per_s, raw_readings = asyncio.run(_raw_publish(nats.url, batches, per_message, in_flight))
+        finally:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+    pushed_per_s = summary.accepted / elapsed
+    service_cpu = None if cpu_before is None or cpu_after is None else cpu_after - cpu_before
+    common = {"bench": "meters", "map": map_name, "meters": meters, "readings_per_grpc_message": meters}
+    return [
+        {
+            **common,
+            "part": "push_baseline",
+            "what": "the same ReadingsBatch messages, serialised beforehand, straight to JetStream with publish_many",
+            "raw_jetstream_readings_per_s": round(raw_per_s, 1),
+            "readings": raw_readings,
+            "readings_per_nats_message": per_message,
+        },
+        {
+            **common,
+            "part": "push",
+            "readings_per_s": round(pushed_per_s, 1),
+            "readings": total,
+            "accepted": summary.accepted,
+            "rejected": summary.rejected,
+            "published_invalid": int(
+                _metric(body, "p2pgrid_meter_readings_total", source="push", quality="invalid")
+            ),
+            "readings_per_nats_message": per_message,
+            "seconds": round(elapsed, 3),
+            "service_cpu_pct": None if service_cpu is None else round(100 * service_cpu / elapsed, 1),
+            "ratio_vs_raw_jetstream": round(pushed_per_s / raw_per_s, 3) if raw_per_s else None,
+            "target_readings_per_s": TARGET_PUSH_READINGS_PER_S,
+            "meets_target": summary.accepted == total and pushed_per_s >= TARGET_PUSH_READINGS_PER_S,
+        },
+    ]

@@ -1,4 +1,4 @@
-"""`p2pgrid meters read|simulate` and `p2pgrid bench meters`: read a meter once, serve simulated meters, benchmark polling.
+"""`p2pgrid meters read|simulate` and `p2pgrid bench meters`: read a meter once, serve simulated meters, benchmark.
 
 Heavy imports (pymodbus, the simulator, the poller) happen inside the
 handlers so `p2pgrid --help` stays fast.
@@ -82,9 +82,25 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 def register_bench(bench_subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     bench = bench_subparsers.add_parser(
         "meters",
-        help="meter ingest: polls per second and missed polls against simulated meters",
-        description="Starts simulated meters in a child process and polls them from this process; prints JSON "
-        "lines: a raw pymodbus read-loop baseline, then polls_per_s and missed_pct of the poller (with validation).",
+        help="meter ingest: pushed readings per second through the service, polls per second and missed polls",
+        description="Push half: starts nats-server and a meter_ingest process, streams readings to it over gRPC "
+        "and prints readings_per_s accepted and published to JetStream, after a baseline that publishes the same "
+        "batches straight to JetStream. Poll half: starts simulated meters in a child process and polls them "
+        "from this process; prints a raw pymodbus read-loop baseline, then polls_per_s and missed_pct of the "
+        "poller (with validation). JSON lines.",
+    )
+    bench.add_argument("--part", choices=("all", "push", "poll"), default="all", help="which half to run")
+    bench.add_argument(
+        "--push-meters", type=int, default=1000, help="push: meters behind the pushing gateway"
+    )
+    bench.add_argument(
+        "--push-messages", type=int, default=1000, help="push: gRPC messages, each one reading of every meter"
+    )
+    bench.add_argument(
+        "--push-per-message", type=int, default=500, help="push: readings per published ReadingsBatch"
+    )
+    bench.add_argument(
+        "--push-in-flight", type=int, default=8, help="push: ReadingsBatch publishes awaiting acks per stream"
     )
     bench.add_argument("--map", default="eastron_sdm630_v2")
     bench.add_argument(
@@ -278,16 +294,26 @@ async def _simulate_async(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from services.meter_ingest.bench import run_poll_bench
+    from services.meter_ingest.bench import run_poll_bench, run_push_bench
 
-    for line in run_poll_bench(
-        map_name=args.map,
-        meters=args.meters,
-        gateways=args.gateways,
-        interval_s=args.interval,
-        duration_s=args.duration,
-        warmup_s=args.warmup,
-        framer=args.framer,
-    ):
-        _print_json(line)
+    if args.part in ("all", "push"):
+        for line in run_push_bench(
+            meters=args.push_meters,
+            messages=args.push_messages,
+            per_message=args.push_per_message,
+            in_flight=args.push_in_flight,
+            map_name=args.map,
+        ):
+            _print_json(line)
+    if args.part in ("all", "poll"):
+        for line in run_poll_bench(
+            map_name=args.map,
+            meters=args.meters,
+            gateways=args.gateways,
+            interval_s=args.interval,
+            duration_s=args.duration,
+            warmup_s=args.warmup,
+            framer=args.framer,
+        ):
+            _print_json(line)
     return 0

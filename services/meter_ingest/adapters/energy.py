@@ -31,6 +31,9 @@ from services.platform.outbox import OutboxRelay
 
 log = logging.getLogger(__name__)
 
+# Wall seconds between scans for meters that completed an interval after its boundary passed.
+LATE_SCAN_S = 1.0
+
 
 class EnergyPublisher:
     """Releases complete intervals and saves meter state; the outbox relay does the publishing."""
@@ -60,10 +63,24 @@ class EnergyPublisher:
         self.tick_s = tick_s
         self._published = metrics.counter("p2pgrid_interval_energy_published_total")
         self._last_checkpoint = time.monotonic()
+        self._scanned_boundary: int | None = None
+        self._scanned_at = 0.0
 
     async def tick(self, *, checkpoint: bool = False) -> int:
         """Release what is due and save state when due; returns how many meter intervals were released."""
-        released = self.ingestor.release(self.clock.now_s() - self.metering_delay_s)
+        cutoff_s = self.clock.now_s() - self.metering_delay_s
+        boundary = int(cutoff_s // self.ingestor.interval_s)
+        # Every meter is asked when the cutoff passes a boundary; meters that report late are found by the
+        # scan every `LATE_SCAN_S`, so thousands of meters are not walked five times a second for nothing.
+        released: list[tuple[MeterIntervalEnergy, MeterConfig]] = []
+        if (
+            checkpoint
+            or boundary != self._scanned_boundary
+            or time.monotonic() - self._scanned_at >= LATE_SCAN_S
+        ):
+            released = self.ingestor.release(cutoff_s)
+            self._scanned_boundary = boundary
+            self._scanned_at = time.monotonic()
         due = checkpoint or time.monotonic() - self._last_checkpoint >= self.checkpoint_s
         if not released and not due:
             return 0

@@ -34,7 +34,7 @@ from typing import Any
 from services.domain.intervals import Clock
 from services.gen.p2pgrid.meteringest.v1 import meter_ingest_pb2 as pb
 from services.meter_ingest.adapters.convert import CARRIED, MS_PER_S, polled_reading, value_flag
-from services.meter_ingest.domain.interval_energy import MeterEnergyPipeline, MeterIntervalEnergy
+from services.meter_ingest.domain.interval_energy import ORDINARY, MeterEnergyPipeline, MeterIntervalEnergy
 from services.meter_ingest.domain.meter_config import MeterConfig, push_permissions
 from services.meter_ingest.domain.quantities import Quality
 from services.meter_ingest.domain.readings import MeterReading, MeterStatus
@@ -48,7 +48,6 @@ from services.meter_ingest.domain.vee import (
 from services.meter_ingest.meters import ConfiguredMeter
 from services.platform.metrics import Metrics
 
-IMPORT, EXPORT, POWER = CARRIED
 # Error texts a push summary returns at most (the counts are always complete).
 MAX_ERRORS = 20
 # Reasons a pushed reading's source may give for an invalid value, kept as metric labels; others count as
@@ -63,7 +62,7 @@ class MeterEntry:
     config: MeterConfig
     pipeline: MeterEnergyPipeline
     polled: bool
-    # Service-clock time of the newest accepted reading (for the age metric).
+    # Polled meters: service-clock time of the newest reading with a usable value (for the age metric).
     last_read_at_s: float | None = None
 
 
@@ -105,6 +104,7 @@ class Ingestor:
             )
             for m in meters
         }
+        self._pipelines = {meter_id: entry.pipeline for meter_id, entry in self.entries.items()}
         self.permissions: dict[str, frozenset[str]] = push_permissions([m.config for m in meters])
         # Meters whose state changed since it was last saved.
         self.dirty: set[str] = set()
@@ -125,7 +125,7 @@ class Ingestor:
             if entry is None:
                 continue  # no longer configured
             entry.pipeline.restore(state)
-            entry.last_read_at_s = entry.pipeline.validator.snapshot()["last_read_at"]
+            entry.last_read_at_s = entry.pipeline.validator.last_read_at_s
             restored += 1
         return restored
 
@@ -175,12 +175,13 @@ class Ingestor:
         """Check permissions and validate one pushed message's readings, in order."""
         outcome = PushOutcome()
         allowed = self.permissions.get(participant_id, frozenset())
-        entries = self.entries
+        pipelines = self._pipelines
         received_at_s = self.clock.now_s()
         publish = outcome.readings.append
+        mark_dirty = self.dirty.add
         qualities: Counter[int] = Counter()
         invalid: Counter[tuple[str, str]] = Counter()
-        duplicates = 0
+        ordinary = duplicates = 0
         valid = pb.QUALITY_VALID
         for index, reading in enumerate(readings):
             meter_id = reading.meter_id
@@ -189,46 +190,50 @@ class Ingestor:
                 outcome.reject(
                     f"readings[{index}]: meter {meter_id!r} may not be pushed with this caller's key"
                 )
-                invalid[(meter_id if meter_id in entries else _UNKNOWN_METER, "not_permitted")] += 1
+                invalid[(meter_id if meter_id in pipelines else _UNKNOWN_METER, "not_permitted")] += 1
                 continue
             time_ms = reading.time_ms
             quality = reading.quality
-            if time_ms <= 0 or quality not in _QUALITIES:
-                field_name = "time_ms" if time_ms <= 0 else "quality"
-                rule = (
-                    "must be positive Unix milliseconds"
-                    if time_ms <= 0
-                    else "must be QUALITY_VALID, QUALITY_INVALID or QUALITY_ESTIMATED"
+            pipeline = pipelines[meter_id]
+            if quality == valid and time_ms > 0 and not reading.counter_reset and not reading.flags:
+                # The usual reading: valid, all three values, nothing to add.
+                check = pipeline.ingest_carried(
+                    time_ms / MS_PER_S,
+                    received_at_s,
+                    reading.energy_import_wh,
+                    reading.energy_export_wh,
+                    reading.power_w,
                 )
-                outcome.reject(f"readings[{index}].{field_name}: {rule}")
-                invalid[(meter_id, "malformed")] += 1
-                continue
-            pipeline = entries[meter_id].pipeline
-            t_s = time_ms / MS_PER_S
-            if reading.counter_reset:
-                try:
-                    pipeline.reset(CounterReset(meter_id, t_s))
-                except ValueError as exc:
-                    outcome.reject(f"readings[{index}].counter_reset: {exc}")
+                if check is ORDINARY:
+                    mark_dirty(meter_id)
+                    publish(reading)
+                    ordinary += 1
+                    continue
+                marked_any = False
+            else:
+                if time_ms <= 0 or quality not in _QUALITIES:
+                    field_name = "time_ms" if time_ms <= 0 else "quality"
+                    rule = (
+                        "must be positive Unix milliseconds"
+                        if time_ms <= 0
+                        else "must be QUALITY_VALID, QUALITY_INVALID or QUALITY_ESTIMATED"
+                    )
+                    outcome.reject(f"readings[{index}].{field_name}: {rule}")
                     invalid[(meter_id, "malformed")] += 1
                     continue
-            source_flags = reading.flags
-            marked_any = False
-            if quality == valid and not source_flags:
-                check = pipeline.ingest_values(
-                    t_s,
-                    received_at_s,
-                    {
-                        IMPORT: reading.energy_import_wh,
-                        EXPORT: reading.energy_export_wh,
-                        POWER: reading.power_w,
-                    },
-                )
-            else:
+                t_s = time_ms / MS_PER_S
+                if reading.counter_reset:
+                    try:
+                        pipeline.reset(CounterReset(meter_id, t_s))
+                    except ValueError as exc:
+                        outcome.reject(f"readings[{index}].counter_reset: {exc}")
+                        invalid[(meter_id, "malformed")] += 1
+                        continue
                 if quality == pb.QUALITY_INVALID:
                     marked = dict.fromkeys(CARRIED, "")
+                    marked_any = False
                 else:
-                    marked = _marked_invalid(source_flags)
+                    marked = _marked_invalid(reading.flags)
                     marked_any = bool(marked)
                 for reason in marked.values():
                     invalid[(meter_id, reason if reason in _KNOWN_REASONS else "reported_invalid")] += 1
@@ -241,10 +246,7 @@ class Ingestor:
                     "(dropped as a duplicate)"
                 )
                 continue
-            entry = entries[meter_id]
-            if entry.last_read_at_s is None or t_s > entry.last_read_at_s:
-                entry.last_read_at_s = t_s
-            self.dirty.add(meter_id)
+            mark_dirty(meter_id)
             if not check.flags and not check.problems and not marked_any:
                 publish(reading)
                 qualities[quality] += 1
@@ -259,8 +261,10 @@ class Ingestor:
                 message.quality = pb.QUALITY_INVALID
             publish(message)
             qualities[message.quality] += 1
+        qualities[valid] += ordinary
         for code, count in qualities.items():
-            self._readings.labels(source="push", quality=_QUALITY_LABELS[code]).inc(count)
+            if count:
+                self._readings.labels(source="push", quality=_QUALITY_LABELS[code]).inc(count)
         not_published = outcome.rejected - duplicates
         if not_published:
             self._readings.labels(source="push", quality="rejected").inc(not_published)
@@ -275,7 +279,10 @@ class Ingestor:
     def observe(self, now_s: float, offline: Mapping[str, bool]) -> None:
         """Set every meter's reading age (since start for a meter not read yet) and polled meters' offline gauge."""
         for meter_id, entry in self.entries.items():
-            last = entry.last_read_at_s if entry.last_read_at_s is not None else self.started_at_s
+            # A pushed reading's time is the meter's; a polled meter's newest reading counts when it had a value.
+            last = entry.last_read_at_s if entry.polled else entry.pipeline.validator.last_read_at_s
+            if last is None:
+                last = self.started_at_s
             self._age.labels(meter=meter_id).set(max(0.0, now_s - last))
         for meter_id, is_offline in offline.items():
             self._offline.labels(meter=meter_id).set(1 if is_offline else 0)

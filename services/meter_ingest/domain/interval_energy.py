@@ -39,6 +39,9 @@ from services.meter_ingest.domain.vee import (
     ValueCheck,
 )
 
+IMPORT_COUNTER, EXPORT_COUNTER = ENERGY_COUNTERS
+POWER = "power_w"
+
 
 class EnergyQuality(IntEnum):
     """How an interval's energy was obtained; a larger value is worse."""
@@ -293,6 +296,49 @@ class IntervalEnergyTracker:
                     track.next_start_s += self.interval_s
                 track.first_start_s = track.next_start_s
 
+    def add_value(self, counter: str, epoch: int, t_s: float, value_wh: int) -> None:
+        """`add_points` for one point, short when the point continues the counter's current segment."""
+        track = self._tracks.get(counter)
+        if track is None:
+            return
+        segments = track.segments
+        if segments and segments[-1][0] == epoch and track.next_start_s is not None:
+            segments[-1][1].append_value(t_s, value_wh)
+        else:
+            self.add_points((EpochPoint(counter, epoch, t_s, value_wh),))
+
+    def add_carried(
+        self, t_s: float, import_epoch: int, import_wh: int, export_epoch: int, export_wh: int
+    ) -> None:
+        """`add_value` for both counters of one reading, the common case written out (the push path's cost).
+
+        When a counter's point continues its current segment and lies in the
+        same interval as the two before it, it replaces the last one (see
+        `Segment.append_value`); everything else goes through `add_value`.
+        """
+        for counter, epoch, value in (
+            (IMPORT_COUNTER, import_epoch, import_wh),
+            (EXPORT_COUNTER, export_epoch, export_wh),
+        ):
+            track = self._tracks.get(counter)
+            if track is None:
+                continue
+            segments = track.segments
+            if segments and track.next_start_s is not None:
+                epoch_now, segment = segments[-1]
+                times = segment.times
+                if (
+                    epoch_now == epoch
+                    and len(times) >= 2
+                    and times[-1] < t_s
+                    and segment.values[-1] <= value
+                    and (times[-2] // self.interval_s + 1) * self.interval_s >= t_s
+                ):
+                    times[-1] = t_s
+                    segment.values[-1] = value
+                    continue
+            self.add_value(counter, epoch, t_s, value)
+
     def pop_complete(self) -> list[CounterIntervalEnergy]:
         """Energies of intervals that became complete since the last call, in time order."""
         out: list[CounterIntervalEnergy] = []
@@ -360,7 +406,8 @@ class MeterIntervalEnergy:
     missing: tuple[str, ...] = ()
 
 
-IMPORT_COUNTER, EXPORT_COUNTER = ENERGY_COUNTERS
+# What `ingest_carried` returns for an ordinary reading: nothing to flag (its points went to the tracker).
+ORDINARY = ValueCheck((), (), ())
 
 
 class MeterEnergyPipeline:
@@ -383,6 +430,9 @@ class MeterEnergyPipeline:
         self.interval_s = interval_s
         self.tracker = IntervalEnergyTracker(validator.meter_id, interval_s, rules)
         self.pending: dict[int, dict[str, CounterIntervalEnergy]] = {}
+        # Bound once: `ingest_carried` runs per pushed reading.
+        self._accept_ordinary = validator.accept_ordinary
+        self._add_carried = self.tracker.add_carried
 
     @property
     def meter_id(self) -> str:
@@ -403,6 +453,24 @@ class MeterEnergyPipeline:
         if check is not None and check.points:
             self.tracker.add_points(check.points)
         return check
+
+    def ingest_carried(
+        self, t_s: float, received_at_s: float | None, import_wh: Number, export_wh: Number, power_w: Number
+    ) -> ValueCheck | None:
+        """`ingest_values` of a reading with both counters and total power, all valid, faster.
+
+        The ordinary reading (nothing to flag) takes `MeterValidator.accept_ordinary`
+        and comes back as `ORDINARY` (its accepted points went to the tracker and
+        are not repeated); any other goes the general way. Flags, problems and the
+        state afterwards are those of `ingest_values`.
+        """
+        accepted = self._accept_ordinary(t_s, received_at_s, import_wh, export_wh, power_w)
+        if accepted is None:
+            return self.ingest_values(
+                t_s, received_at_s, {IMPORT_COUNTER: import_wh, EXPORT_COUNTER: export_wh, POWER: power_w}
+            )
+        self._add_carried(t_s, *accepted)
+        return ORDINARY
 
     def reset(self, event: CounterReset) -> None:
         """Apply an explicit meter reset or replacement."""

@@ -33,6 +33,7 @@ the field that breaks a rule.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Mapping
@@ -198,17 +199,27 @@ def _push(data: Any, where: str) -> PushSource:
         )
     keys: list[bytes] = []
     for i, text in enumerate(texts):
-        try:
-            key = from_b64url(str(text))
-        except ValueError:
-            key = b""
-        if not is_valid_public_key(key):
+        key = _public_key(str(text))
+        if key is None:
             raise MeterConfigError(
                 f"{where}.public_keys[{i}]: {str(text)[:16]!r} is not a base64url Ed25519 public key (32 bytes)"
             )
         if key not in keys:
             keys.append(key)
     return PushSource(tuple(keys))
+
+
+@functools.lru_cache(maxsize=4096)
+def _public_key(text: str) -> bytes | None:
+    """The key a base64url text encodes, None when it is not a valid Ed25519 public key.
+
+    A gateway's key is listed on every meter behind it: it is checked once.
+    """
+    try:
+        key = from_b64url(text)
+    except ValueError:
+        return None
+    return key if is_valid_public_key(key) else None
 
 
 def _integer(

@@ -17,6 +17,7 @@ Invalid values never become 0; accepted counters are exposed as monotone
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -32,6 +33,8 @@ from services.meter_ingest.domain.readings import MeterReading, MeterStatus
 from services.meter_ingest.domain.register_map import RegisterMap
 
 SECONDS_PER_HOUR = 3600
+IMPORT, EXPORT = ENERGY_COUNTERS
+POWER = "power_w"
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,12 +161,25 @@ class MeterValidator:
         self._max_rate_w = {
             name: lim.max_rate_w for name, lim in self.limits.items() if lim.max_rate_w is not None
         }
+        unbounded = (-math.inf, math.inf)
+        self._carried_ranges = (
+            *self._ranges.get(IMPORT, unbounded),
+            *self._ranges.get(EXPORT, unbounded),
+            *self._ranges.get(POWER, unbounded),
+        )
+        self._carried_rates_w = (self._max_rate_w.get(IMPORT), self._max_rate_w.get(EXPORT))
         self.settings = settings or VeeSettings()
         self.stats = VeeStats()
         self._last_read_at: float | None = None
         self._last_usable_at: float | None = None
         self._reset_at: float | None = None
-        self._counters: dict[str, _CounterState] = {}
+        self._counters: dict[str, _CounterState] = {IMPORT: _CounterState(), EXPORT: _CounterState()}
+        self._carried_counters = (self._counters[IMPORT], self._counters[EXPORT])
+
+    @property
+    def last_read_at_s(self) -> float | None:
+        """Time of the newest reading taken (valid or not); older ones are dropped."""
+        return self._last_read_at
 
     def counter_state(self, name: str) -> tuple[int, int | None]:
         """(epoch, last accepted unwrapped value) of a counter."""
@@ -282,6 +298,65 @@ class MeterValidator:
             self.stats.count(quality)
         return ValueCheck(tuple(flags), tuple(problems or ()), tuple(points))
 
+    def accept_ordinary(
+        self, t_s: float, received_at_s: float | None, import_wh: Number, export_wh: Number, power_w: Number
+    ) -> tuple[int, int, int, int] | None:
+        """Take a complete reading (both counters and total power, all valid) when no rule has anything to say.
+
+        Returns (import epoch, import value, export epoch, export value) as
+        accepted, exactly what `check_values` would accept for the same values
+        with no flag and no problem. Anything else (a duplicate, a flag, an
+        invalid value, the first value of an epoch) returns None and leaves the
+        state untouched, so the caller hands the reading to `check_values`.
+        This is the push path's per-reading cost, hence written out in one piece.
+        """
+        last = self._last_read_at
+        if last is None or t_s <= last or (self._reset_at is not None and t_s < self._reset_at):
+            return None
+        settings = self.settings
+        if received_at_s is not None and abs(t_s - received_at_s) > settings.max_clock_skew_s:
+            return None
+        usable = self._last_usable_at
+        if usable is not None and t_s - usable > settings.gap_s:
+            return None
+        import_lo, import_hi, export_lo, export_hi, power_lo, power_hi = self._carried_ranges
+        if not (
+            import_lo <= import_wh <= import_hi
+            and export_lo <= export_wh <= export_hi
+            and power_lo <= power_w <= power_hi
+        ):
+            return None
+        if type(import_wh) is not int or type(export_wh) is not int:
+            return None
+        imported, exported = self._carried_counters
+        import_last, import_t = imported.last_wh, imported.last_t
+        export_last, export_t = exported.last_wh, exported.last_t
+        if import_last is None or import_t is None or export_last is None or export_t is None:
+            return None
+        import_new = import_wh + imported.offset_wh
+        export_new = export_wh + exported.offset_wh
+        import_dt, export_dt = t_s - import_t, t_s - export_t
+        if import_new < import_last or export_new < export_last or import_dt < 0 or export_dt < 0:
+            return None
+        import_rate, export_rate = self._carried_rates_w
+        slack = settings.counter_slack_wh
+        # The same arithmetic as `_allowed_rise_wh`, so both paths draw the line at the same Wh.
+        if (
+            import_rate is not None
+            and import_new - import_last > int(import_rate * import_dt / SECONDS_PER_HOUR) + slack
+        ):
+            return None
+        if (
+            export_rate is not None
+            and export_new - export_last > int(export_rate * export_dt / SECONDS_PER_HOUR) + slack
+        ):
+            return None
+        self._last_read_at = t_s
+        self._last_usable_at = t_s
+        imported.last_wh, imported.last_t = import_new, t_s
+        exported.last_wh, exported.last_t = export_new, t_s
+        return imported.epoch, import_new, exported.epoch, export_new
+
     # The rules, shared by `validate` and `check_values`.
 
     def _admit(self, t: float) -> bool:
@@ -385,7 +460,10 @@ class MeterValidator:
                 )
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"meter {self.meter_id}: unreadable validator state: {exc!r}") from None
+        counters.setdefault(IMPORT, _CounterState())
+        counters.setdefault(EXPORT, _CounterState())
         self._counters = counters
+        self._carried_counters = (counters[IMPORT], counters[EXPORT])
 
 
 def _opt_float(value: Any) -> float | None:
