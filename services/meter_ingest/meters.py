@@ -88,6 +88,6 @@ def _check_units(source: Path, meters: list[ConfiguredMeter]) -> None:
         if key in used:
             raise MeterConfigError(
                 f"{source}: meter {meter.meter_id!r}: modbus.unit {unit} on {modbus.host}:{modbus.port} is "
-                f"already meter {used[key]!r}'s"
+                f"taken by meter {used[key]!r} (a unit without one in the file is the map's default)"
             )
         used[key] = meter.meter_id
