@@ -92,7 +92,8 @@ class MeterIngestProcess:
 
     def metrics(self) -> str:
         url = f"http://127.0.0.1:{self.ports['metrics_port']}/metrics"
-        return urllib.request.urlopen(url, timeout=5).read().decode()
+        body: bytes = urllib.request.urlopen(url, timeout=5).read()
+        return body.decode()
 
     def metric(self, name: str, **labels: str) -> float:
         """The value of one sample (0 when absent)."""

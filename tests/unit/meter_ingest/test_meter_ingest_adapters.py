@@ -114,7 +114,7 @@ def test_malformed_readings_are_refused_with_the_field_and_the_rule() -> None:
     ingestor, caller, _metrics = _ingestor(clock)
     outcome = ingestor.accept_pushed(
         caller,
-        [_reading("m-a", T0, quality=pb.QUALITY_UNSPECIFIED), pb.Reading(meter_id="m-a", quality=1)],
+        [_reading("m-a", T0, quality=pb.QUALITY_UNSPECIFIED), pb.Reading(meter_id="m-a", quality=pb.QUALITY_VALID)],
     )
     assert outcome.readings == []
     assert outcome.errors == [
