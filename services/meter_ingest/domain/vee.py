@@ -3,7 +3,9 @@
 Rules, per meter:
 - A reading at or before the last one seen is a duplicate (or out of order) and is dropped.
 - A reading whose meter clock differs from the receiving clock by more than
-  `max_clock_skew_s` is flagged CLOCK_SKEW; its counters are not used for energy.
+  `max_clock_skew_s` is flagged CLOCK_SKEW; its counters are not used for energy,
+  and its time does not become the meter's last one (a single timestamp years
+  ahead would otherwise make every later reading look old).
 - A reading that comes more than `gap_s` after the last usable counter value is flagged GAP.
 - Values outside the map's plausible range are flagged OUT_OF_RANGE (invalid).
 - An energy counter never steps backwards: a value below the last accepted one is
@@ -261,8 +263,9 @@ class MeterValidator:
         if (last is not None and t_s <= last) or (self._reset_at is not None and t_s < self._reset_at):
             self._admit(t_s)  # counts the duplicate or stale reading
             return None
-        self._last_read_at = t_s
         skewed = received_at_s is not None and abs(t_s - received_at_s) > self.settings.max_clock_skew_s
+        if not skewed:
+            self._last_read_at = t_s
         use_counters = counters and not skewed
         ranges = self._ranges
         problems: list[tuple[str, Quality, str]] | None = None

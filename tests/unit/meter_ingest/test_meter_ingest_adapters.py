@@ -114,7 +114,10 @@ def test_malformed_readings_are_refused_with_the_field_and_the_rule() -> None:
     ingestor, caller, _metrics = _ingestor(clock)
     outcome = ingestor.accept_pushed(
         caller,
-        [_reading("m-a", T0, quality=pb.QUALITY_UNSPECIFIED), pb.Reading(meter_id="m-a", quality=pb.QUALITY_VALID)],
+        [
+            _reading("m-a", T0, quality=pb.QUALITY_UNSPECIFIED),
+            pb.Reading(meter_id="m-a", quality=pb.QUALITY_VALID),
+        ],
     )
     assert outcome.readings == []
     assert outcome.errors == [
@@ -136,6 +139,7 @@ def test_a_pushed_reading_is_published_invalid_when_any_value_is_unusable_and_sa
             _reading("m-a", T0 + 40, imp=10_003, quality=pb.QUALITY_ESTIMATED),
             _reading("m-a", T0 + 50, imp=10_004, quality=pb.QUALITY_INVALID, flags=["sentinel"]),
             _reading("m-a", T0 + 200, imp=10_005),  # the meter's clock is 175 s ahead of ours
+            _reading("m-a", T0 + 55, imp=10_006),  # a wrong timestamp does not make the next reading old
         ],
     )
     published = [(r.quality, list(r.flags)) for r in outcome.readings]
@@ -147,13 +151,14 @@ def test_a_pushed_reading_is_published_invalid_when_any_value_is_unusable_and_sa
         (pb.QUALITY_ESTIMATED, []),
         (pb.QUALITY_INVALID, ["sentinel"]),
         (pb.QUALITY_INVALID, ["clock_skew"]),
+        (pb.QUALITY_VALID, []),
     ]
     assert _sample(metrics, "p2pgrid_meter_invalid_total", meter="m-a", reason="nan") == 1
     assert _sample(metrics, "p2pgrid_meter_invalid_total", meter="m-a", reason="counter_backwards") == 1
     assert _sample(metrics, "p2pgrid_meter_readings_total", source="push", quality="invalid") == 5
     # Each usable counter counts for energy (also beside an implausible power); the backwards one, the
-    # estimated and the invalid readings' counters do not.
-    assert ingestor.entries["m-a"].pipeline.validator.counter_state("energy_import_wh") == (0, 10_002)
+    # estimated, the invalid and the skewed readings' counters do not.
+    assert ingestor.entries["m-a"].pipeline.validator.counter_state("energy_import_wh") == (0, 10_006)
 
 
 def test_a_counter_reset_starts_a_new_epoch_at_the_reading_and_may_not_go_back_in_time() -> None:
