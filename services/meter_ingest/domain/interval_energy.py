@@ -316,28 +316,40 @@ class IntervalEnergyTracker:
         same interval as the two before it, it replaces the last one (see
         `Segment.append_value`); everything else goes through `add_value`.
         """
-        for counter, epoch, value in (
-            (IMPORT_COUNTER, import_epoch, import_wh),
-            (EXPORT_COUNTER, export_epoch, export_wh),
-        ):
-            track = self._tracks.get(counter)
-            if track is None:
-                continue
-            segments = track.segments
-            if segments and track.next_start_s is not None:
-                epoch_now, segment = segments[-1]
-                times = segment.times
-                if (
-                    epoch_now == epoch
-                    and len(times) >= 2
-                    and times[-1] < t_s
-                    and segment.values[-1] <= value
-                    and (times[-2] // self.interval_s + 1) * self.interval_s >= t_s
-                ):
-                    times[-1] = t_s
-                    segment.values[-1] = value
-                    continue
-            self.add_value(counter, epoch, t_s, value)
+        length = self.interval_s
+        # Import, then the same for export.
+        track = self._tracks.get(IMPORT_COUNTER)
+        if track is not None and track.segments and track.next_start_s is not None:
+            epoch_now, segment = track.segments[-1]
+            times, values = segment.times, segment.values
+            if (
+                epoch_now == import_epoch
+                and len(times) >= 2
+                and times[-1] < t_s
+                and values[-1] <= import_wh
+                and (times[-2] // length + 1) * length >= t_s
+            ):
+                times[-1] = t_s
+                values[-1] = import_wh
+                track = None
+        if track is not None:
+            self.add_value(IMPORT_COUNTER, import_epoch, t_s, import_wh)
+        track = self._tracks.get(EXPORT_COUNTER)
+        if track is not None and track.segments and track.next_start_s is not None:
+            epoch_now, segment = track.segments[-1]
+            times, values = segment.times, segment.values
+            if (
+                epoch_now == export_epoch
+                and len(times) >= 2
+                and times[-1] < t_s
+                and values[-1] <= export_wh
+                and (times[-2] // length + 1) * length >= t_s
+            ):
+                times[-1] = t_s
+                values[-1] = export_wh
+                track = None
+        if track is not None:
+            self.add_value(EXPORT_COUNTER, export_epoch, t_s, export_wh)
 
     def pop_complete(self) -> list[CounterIntervalEnergy]:
         """Energies of intervals that became complete since the last call, in time order."""
