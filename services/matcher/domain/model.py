@@ -225,12 +225,20 @@ def radial_levels(steps: PriceSteps, grid: Grid, limits_wh: FloatArray) -> tuple
     width = -(-span // bucket)
     if node_count * width > MAX_DENSE_CURVE_CELLS:
         return None
-    column = steps.level - base
-    if bucket > 1:
-        column = (np.arange(span) // bucket)[column]
-    # One pass: a (node, side, bucket) table; steps are sorted that way already.
-    offset = (steps.node * 2 + steps.is_buy) * width + column
-    table = np.bincount(offset, weights=steps.energy_wh.astype(np.float64), minlength=2 * node_count * width)
+    table: FloatArray
+    if bucket == 1 and steps.key_table is not None:
+        # One bucket per level: the aggregation's (node, side, level) table is this table.
+        table = steps.key_table
+    else:
+        column = steps.level - base
+        if bucket > 1:
+            column = (np.arange(span) // bucket)[column]
+        # One pass: a (node, side, bucket) table; steps are sorted that way already.
+        offset = (steps.node * 2 + steps.is_buy) * width + column
+        table = np.asarray(
+            np.bincount(offset, weights=steps.energy_wh.astype(np.float64), minlength=2 * node_count * width),
+            dtype=np.float64,
+        )
     table = table.reshape(node_count, 2, width)
     supply = table[:, 0, :]
     demand = table[:, 1, :]

@@ -68,6 +68,10 @@ class PriceSteps:
     key_cells: int
     order_step: IntArray | None
     tick_micro_per_kwh: int
+    # In a dense book, the energy of every key cell (the steps' energies in
+    # float64, exact below 2**52): the (node, side, level) table, reused by
+    # the solver instead of summing the steps again.
+    key_table: npt.NDArray[np.float64] | None = None
 
     def __len__(self) -> int:
         return len(self.level)
@@ -142,7 +146,8 @@ def validate(request: ClearingInput, grid: Grid) -> ValidOrders:
             else f"exceeds the largest order of {MAX_ORDER_ENERGY_WH} Wh"
         )
         raise OrderError(request.describe_row(row), f"energy_wh {int(energy[row])} {rule}")
-    if int(price.min()) < -MAX_ABS_PRICE_MICRO_PER_KWH or int(price.max()) > MAX_ABS_PRICE_MICRO_PER_KWH:
+    price_min, price_max = int(price.min()), int(price.max())
+    if price_min < -MAX_ABS_PRICE_MICRO_PER_KWH or price_max > MAX_ABS_PRICE_MICRO_PER_KWH:
         row = int(np.argmax(np.abs(price) > MAX_ABS_PRICE_MICRO_PER_KWH))
         raise OrderError(
             request.describe_row(row),
@@ -154,7 +159,7 @@ def validate(request: ClearingInput, grid: Grid) -> ValidOrders:
     scaled = price * (1.0 / tick)
     np.rint(scaled, out=scaled)
     # Levels fit 32 bits unless prices are huge against the tick; 32-bit keys are cheaper.
-    narrow = max(abs(int(price.min())), abs(int(price.max()))) // tick < 2**30
+    narrow = max(abs(price_min), abs(price_max)) // tick < 2**30
     level: npt.NDArray[np.int32] | IntArray = scaled.astype(np.int32) if narrow else scaled.astype(np.int64)
     on_tick = np.multiply(level, tick, dtype=np.int64)
     if not np.array_equal(on_tick, price):
@@ -231,11 +236,13 @@ def aggregate(orders: ValidOrders, grid: Grid) -> PriceSteps:
     order_key -= low
     energy = np.asarray(request.energy_wh)
     order_step: IntArray | None = None
+    key_table: npt.NDArray[np.float64] | None = None
     if cells <= max(_DENSE_CELLS_PER_ORDER * count, _DENSE_CELLS_MIN):
         # Float weights given directly: bincount's own conversion of integers is slow.
         sums = np.bincount(order_key, weights=energy.astype(np.float64), minlength=cells)
         step_key = np.flatnonzero(sums > 0)
         step_energy = sums[step_key].astype(np.int64)
+        key_table = np.asarray(sums, dtype=np.float64)  # (a no-op: weighted counts are floats)
     else:
         step_key, inverse = np.unique(order_key, return_inverse=True)
         order_step = inverse.astype(np.int64, copy=False)
@@ -263,4 +270,5 @@ def aggregate(orders: ValidOrders, grid: Grid) -> PriceSteps:
         key_cells=cells,
         order_step=order_step,
         tick_micro_per_kwh=tick,
+        key_table=key_table,
     )
