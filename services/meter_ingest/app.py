@@ -149,7 +149,8 @@ class App:
             self._spawn(self._observe(self._stop_ingest), "meter-gauges"),
         ]
         if self.poller is not None:
-            await self.poller.start()
+            # A gateway task that fails stops the poller, and the service with it (loudly, not silently).
+            self._spawn(self.poller.run(), "modbus-poller")
 
     async def stop(self) -> None:
         if self.poller is not None:
