@@ -226,14 +226,17 @@ def aggregate(orders: ValidOrders, grid: Grid) -> PriceSteps:
     low = int(level.min())
     span = int(level.max()) - low + 1
     cells = 2 * node_count * span
-    # key = (2 * node + is_buy) * span + (level - low), computed in place. (In
-    # 64 bits: bincount and fancy indexing convert narrower indices first,
-    # which costs more than the narrower arithmetic saves.)
-    order_key = np.multiply(request.node_index, 2, dtype=np.int64)
-    order_key += request.is_buy
-    order_key *= span
-    order_key += level
-    order_key -= low
+    # key = (2 * node + is_buy) * span + (level - low), computed in place, in
+    # 32 bits while every partial sum fits (32-bit levels below 2**30 and keys
+    # below 2**30), then widened once: bincount and fancy indexing convert
+    # narrower indices first, which costs more than the narrower arithmetic saves.
+    key_dtype = np.int32 if level.dtype == np.int32 and cells < 2**30 else np.int64
+    key = np.multiply(request.node_index, 2, dtype=key_dtype)
+    key += request.is_buy
+    key *= span
+    key += level
+    key -= low
+    order_key: IntArray = key.astype(np.int64, copy=False)
     energy = np.asarray(request.energy_wh)
     order_step: IntArray | None = None
     key_table: npt.NDArray[np.float64] | None = None
