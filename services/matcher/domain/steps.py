@@ -154,14 +154,13 @@ def validate(request: ClearingInput, grid: Grid) -> ValidOrders:
             f"price {int(price[row])} micro per kWh is beyond ±{MAX_ABS_PRICE_MICRO_PER_KWH} micro per kWh",
         )
     tick = grid.price_tick_micro_per_kwh
-    # Prices are below 2**53, so the float quotient rounds to the exact level
-    # whenever the price is on the tick; the product check catches the rest.
-    scaled = price * (1.0 / tick)
-    np.rint(scaled, out=scaled)
+    # The floor of the quotient is the level whenever the price is on the tick;
+    # the product check catches the rest.
+    level_wide: IntArray = np.floor_divide(price, tick, dtype=np.int64)
+    on_tick = np.multiply(level_wide, tick)
     # Levels fit 32 bits unless prices are huge against the tick; 32-bit keys are cheaper.
     narrow = max(abs(price_min), abs(price_max)) // tick < 2**30
-    level: npt.NDArray[np.int32] | IntArray = scaled.astype(np.int32) if narrow else scaled.astype(np.int64)
-    on_tick = np.multiply(level, tick, dtype=np.int64)
+    level: npt.NDArray[np.int32] | IntArray = level_wide.astype(np.int32) if narrow else level_wide
     if not np.array_equal(on_tick, price):
         row = int(np.argmax(on_tick != price))
         raise OrderError(
