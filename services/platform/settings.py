@@ -93,7 +93,9 @@ class ServiceSettings:
     shutdown_grace_s: float = setting(
         5.0, help="seconds in-flight work may take after SIGTERM", check=check_positive
     )
-    nats_stream_replicas: int = setting(1, help="JetStream replicas per stream (3 in a cluster)", check=check_positive)
+    nats_stream_replicas: int = setting(
+        1, help="JetStream replicas per stream (3 in a cluster)", check=check_positive
+    )
     nats_connect_timeout_s: float = setting(
         3.0, help="seconds to wait for NATS at start", check=check_positive
     )
