@@ -50,6 +50,8 @@ class ServiceContext(Generic[S]):
     grpc: GrpcServer
     stop: asyncio.Event
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    # Set when a background task failed: the process then exits 1 after its graceful stop.
+    failed: bool = False
 
     def spawn(self, coro: Awaitable[None], name: str) -> None:
         """Run a background task for the life of the service; its failure stops the service."""
@@ -66,8 +68,6 @@ class ServiceContext(Generic[S]):
                 raise
 
         self.tasks.append(asyncio.create_task(_guard(), name=name))
-
-    failed: bool = False
 
 
 class ServiceApp(Protocol):

@@ -880,60 +880,28 @@ class LedgerStore:
         that contradicts a held measurement raises SettlementConflictError.
         """
         validate_meter_energy(readings)
-        m = staged_meter_energy_table.c
         now_ms = int(self.clock.now_s() * 1000)
         with self._writing(connection) as conn:
-            held: dict[str, tuple[int, int, int]] = {}
-            ids = [r.participant_id for r in readings]
-            for i in range(0, len(ids), 500):
-                for row in conn.execute(
-                    select(m.participant_id, m.import_wh, m.export_wh, m.quality).where(
-                        m.market_id == market_id,
-                        m.interval_start_s == interval_start_s,
-                        m.participant_id.in_(ids[i : i + 500]),
-                    )
-                ):
-                    held[row[0]] = (int(row[1]), int(row[2]), int(row[3]))
-            better = []
-            for r in readings:
-                before = held.get(r.participant_id)
-                if before is None or r.quality > before[2]:
-                    better.append(r)
-                elif (
-                    r.quality is MeterQuality.MEASURED
-                    and before[2] == MeterQuality.MEASURED
-                    and (r.import_wh, r.export_wh) != before[:2]
-                ):
-                    raise SettlementConflictError(
-                        f"participant {r.participant_id!r} in interval {interval_start_s}: measured "
-                        f"{r.import_wh}/{r.export_wh} Wh contradicts the measured {before[0]}/{before[1]} Wh held"
-                    )
+            held = _held_energy(
+                conn, staged_meter_energy_table, "participant_id", market_id, interval_start_s,
+                [r.participant_id for r in readings],
+            )  # fmt: skip
+            better = [
+                r
+                for r in readings
+                if _improves(
+                    r, held.get(r.participant_id), f"participant {r.participant_id!r}", interval_start_s
+                )
+            ]
             if better:
-                table = _insert_for(conn, staged_meter_energy_table)
-                statement = table.on_conflict_do_update(
-                    index_elements=["market_id", "interval_start_s", "participant_id"],
-                    set_={
-                        "import_wh": table.excluded.import_wh,
-                        "export_wh": table.excluded.export_wh,
-                        "quality": table.excluded.quality,
-                        "received_at_ms": table.excluded.received_at_ms,
-                    },
-                )
-                conn.execute(
-                    statement,
-                    [
-                        {
-                            "market_id": market_id,
-                            "interval_start_s": interval_start_s,
-                            "participant_id": r.participant_id,
-                            "import_wh": r.import_wh,
-                            "export_wh": r.export_wh,
-                            "quality": int(r.quality),
-                            "received_at_ms": now_ms,
-                        }
-                        for r in better
-                    ],
-                )
+                rows = [
+                    {
+                        "participant_id": r.participant_id,
+                        **_energy_row(r, market_id, interval_start_s, now_ms),
+                    }
+                    for r in better
+                ]
+                _upsert_energy(conn, staged_meter_energy_table, "participant_id", rows)
                 self._mark_pending(conn, market_id, interval_start_s)
             return len(better)
 
@@ -956,69 +924,32 @@ class LedgerStore:
         SettlementConflictError and changes nothing.
         """
         validate_meter_readings(readings)
-        m = staged_meter_readings_table.c
         now_ms = int(self.clock.now_s() * 1000)
         with self._writing(connection) as conn:
-            held: dict[str, tuple[str, int, int, int]] = {}
-            ids = [r.meter_id for r in readings]
-            for i in range(0, len(ids), 500):
-                for row in conn.execute(
-                    select(m.meter_id, m.participant_id, m.import_wh, m.export_wh, m.quality).where(
-                        m.market_id == market_id,
-                        m.interval_start_s == interval_start_s,
-                        m.meter_id.in_(ids[i : i + 500]),
-                    )
-                ):
-                    held[row[0]] = (str(row[1]), int(row[2]), int(row[3]), int(row[4]))
+            held = _held_energy(
+                conn, staged_meter_readings_table, "meter_id", market_id, interval_start_s,
+                [r.meter_id for r in readings],
+            )  # fmt: skip
             better = []
             for r in readings:
                 before = held.get(r.meter_id)
-                if before is None:
-                    better.append(r)
-                    continue
-                if before[0] != r.participant_id:
+                if before is not None and before["participant_id"] != r.participant_id:
                     raise SettlementConflictError(
                         f"meter {r.meter_id!r} in interval {interval_start_s} is held for participant "
-                        f"{before[0]!r}, now reported for {r.participant_id!r}"
+                        f"{before['participant_id']!r}, now reported for {r.participant_id!r}"
                     )
-                if r.quality > before[3]:
+                if _improves(r, before, f"meter {r.meter_id!r}", interval_start_s):
                     better.append(r)
-                elif (
-                    r.quality is MeterQuality.MEASURED
-                    and before[3] == MeterQuality.MEASURED
-                    and (r.import_wh, r.export_wh) != before[1:3]
-                ):
-                    raise SettlementConflictError(
-                        f"meter {r.meter_id!r} in interval {interval_start_s}: measured "
-                        f"{r.import_wh}/{r.export_wh} Wh contradicts the measured {before[1]}/{before[2]} Wh held"
-                    )
             if better:
-                table = _insert_for(conn, staged_meter_readings_table)
-                statement = table.on_conflict_do_update(
-                    index_elements=["market_id", "interval_start_s", "meter_id"],
-                    set_={
-                        "import_wh": table.excluded.import_wh,
-                        "export_wh": table.excluded.export_wh,
-                        "quality": table.excluded.quality,
-                        "received_at_ms": table.excluded.received_at_ms,
-                    },
-                )
-                conn.execute(
-                    statement,
-                    [
-                        {
-                            "market_id": market_id,
-                            "interval_start_s": interval_start_s,
-                            "meter_id": r.meter_id,
-                            "participant_id": r.participant_id,
-                            "import_wh": r.import_wh,
-                            "export_wh": r.export_wh,
-                            "quality": int(r.quality),
-                            "received_at_ms": now_ms,
-                        }
-                        for r in better
-                    ],
-                )
+                rows = [
+                    {
+                        "meter_id": r.meter_id,
+                        "participant_id": r.participant_id,
+                        **_energy_row(r, market_id, interval_start_s, now_ms),
+                    }
+                    for r in better
+                ]
+                _upsert_energy(conn, staged_meter_readings_table, "meter_id", rows)
                 self._mark_pending(conn, market_id, interval_start_s)
             return len(better)
 
@@ -1557,3 +1488,66 @@ def _checkpoint_from_row(r: Any) -> Checkpoint:
         public_key=bytes(r.public_key),
         signature=bytes(r.signature),
     )
+
+
+# Staged meter energy, per participant or per meter: one rule for both tables.
+_ENERGY_COLUMNS = ("import_wh", "export_wh", "quality", "received_at_ms")
+
+
+def _held_energy(
+    conn: Connection, table: Table, key: str, market_id: str, interval_start_s: int, keys: Sequence[str]
+) -> dict[str, Mapping[str, Any]]:
+    """The rows held for `keys` (values of column `key`) in one interval, read 500 keys at a time."""
+    c = table.c
+    held: dict[str, Mapping[str, Any]] = {}
+    for i in range(0, len(keys), 500):
+        for row in conn.execute(
+            select(table).where(
+                c.market_id == market_id,
+                c.interval_start_s == interval_start_s,
+                c[key].in_(keys[i : i + 500]),
+            )
+        ):
+            held[str(row._mapping[key])] = dict(row._mapping)
+    return held
+
+
+def _improves(
+    reading: MeterEnergy | MeterReading, held: Mapping[str, Any] | None, what: str, interval_start_s: int
+) -> bool:
+    """True if `reading` is better than what is held (none, or lower quality); a contradicting measurement raises."""
+    if held is None or reading.quality > int(held["quality"]):
+        return True
+    if (
+        reading.quality is MeterQuality.MEASURED
+        and int(held["quality"]) == MeterQuality.MEASURED
+        and (reading.import_wh, reading.export_wh) != (int(held["import_wh"]), int(held["export_wh"]))
+    ):
+        raise SettlementConflictError(
+            f"{what} in interval {interval_start_s}: measured {reading.import_wh}/{reading.export_wh} Wh "
+            f"contradicts the measured {held['import_wh']}/{held['export_wh']} Wh held"
+        )
+    return False
+
+
+def _energy_row(
+    reading: MeterEnergy | MeterReading, market_id: str, interval_start_s: int, received_at_ms: int
+) -> dict[str, Any]:
+    return {
+        "market_id": market_id,
+        "interval_start_s": interval_start_s,
+        "import_wh": reading.import_wh,
+        "export_wh": reading.export_wh,
+        "quality": int(reading.quality),
+        "received_at_ms": received_at_ms,
+    }
+
+
+def _upsert_energy(conn: Connection, table: Table, key: str, rows: list[dict[str, Any]]) -> None:
+    """Insert the rows, or replace the energy and quality of the ones held under the same key."""
+    insert = _insert_for(conn, table)
+    statement = insert.on_conflict_do_update(
+        index_elements=["market_id", "interval_start_s", key],
+        set_={column: insert.excluded[column] for column in _ENERGY_COLUMNS},
+    )
+    conn.execute(statement, rows)

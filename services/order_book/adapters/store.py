@@ -52,9 +52,9 @@ from sqlalchemy import (
 )
 
 from services.domain.errors import AlreadyExists, DomainError, FailedPrecondition, NotFound
+from services.domain.ids import IdMaker
 from services.gen.p2pgrid.common.v1 import common_pb2
 from services.gen.p2pgrid.events.v1 import events_pb2
-from services.order_book.adapters.ids import OrderIds
 from services.order_book.domain.clearing import (
     ClearingResultRejected,
     FrozenOrder,
@@ -344,7 +344,7 @@ class BookStore:
         self._copy_sql = f"COPY ob_orders ({', '.join(_INSERT_COLUMNS)}) FROM STDIN"
         # The writer's own driver connection for placements (see apply_ops).
         self._raw: Any = None
-        self._id_maker = OrderIds()
+        self._id_maker = IdMaker()
         self._ids: list[str] = []
         # SQLite plans a row-value IN as a scan; two plain IN lists are an index search.
         columns = ", ".join(_PREFETCH_COLUMNS)

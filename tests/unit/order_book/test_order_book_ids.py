@@ -1,11 +1,11 @@
-"""Order ids: time-ordered, unique, and in the layout and alphabet of services.domain.ids.new_id."""
+"""Order ids from the book's own IdMaker: time-ordered, unique, and in the layout of services.domain.ids.new_id."""
 
 from __future__ import annotations
 
 import re
 
+from services.domain.ids import IdMaker as OrderIds
 from services.domain.ids import new_id
-from services.order_book.adapters.ids import OrderIds
 
 CROCKFORD_26 = re.compile(r"[0-9A-HJKMNP-TV-Z]{26}")
 
