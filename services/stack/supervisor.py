@@ -34,6 +34,8 @@ class StackConfig:
     sim_start_s: float
     speedup: float
     grid_path: str = ""
+    # The meters file (services/meter_ingest/README.md): meter_ingest polls or accepts them, grid_check maps them.
+    meters_path: str = ""
     extra_env: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
@@ -66,6 +68,8 @@ class Stack:
             env[f"{prefix}DATABASE_URL"] = self.database_url(name)
         if self.config.grid_path and name in ("grid_check", "matcher"):
             env[f"{prefix}GRID_PATH"] = self.config.grid_path
+        if self.config.meters_path and name in ("grid_check", "meter_ingest"):
+            env[f"{prefix}METERS_PATH"] = self.config.meters_path
         env.update(self.config.extra_env.get(name, {}))
         return env
 
