@@ -24,6 +24,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "services.meter_ingest.cli",
     "services.ledger.cli",
     "services.platform.cli",
+    "loadtest.cli",
 )
 
 
