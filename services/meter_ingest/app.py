@@ -15,6 +15,7 @@ from services.meter_ingest.adapters.ingest import Ingestor
 from services.meter_ingest.adapters.modbus_poller import GatewayTarget, MeterTarget, ModbusPoller
 from services.meter_ingest.adapters.publisher import PollBuffer, ReadingsPublisher
 from services.meter_ingest.adapters.state_store import MeterStateStore, migrate_meter_ingest_tables
+from services.meter_ingest.domain.interval_energy import EnergyRules
 from services.meter_ingest.domain.meter_config import ModbusSource
 from services.meter_ingest.domain.readings import MeterReading, MeterStatus
 from services.meter_ingest.domain.vee import VeeSettings
@@ -70,6 +71,7 @@ class App:
             meters,
             interval_s=settings.interval_s,
             vee=VeeSettings(max_clock_skew_s=settings.max_clock_skew_s, gap_s=settings.reading_gap_s),
+            energy_rules=EnergyRules(measured_span_s=settings.measured_span_s),
             clock=ctx.clock,
             metrics=ctx.metrics,
         )

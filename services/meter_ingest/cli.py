@@ -58,6 +58,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--start", default=None, help="simulated start time: Unix seconds or ISO 8601 (default: now)"
     )
     simulate.add_argument(
+        "--anchor-wall-s",
+        type=float,
+        default=None,
+        help="wall time (Unix seconds) at which the simulated clock reads --start, to share one clock with "
+        "other processes (default: now)",
+    )
+    simulate.add_argument(
         "--first-unit",
         type=int,
         default=None,
@@ -244,7 +251,8 @@ async def _simulate_async(args: argparse.Namespace) -> int:
         raise ValueError("--speedup must be positive")
     faults = _parse_faults(args.fault)
     start_s = _parse_start(args.start)
-    clock = SimulatedClock(start_s=start_s, speedup=args.speedup, anchor_wall_s=time.time())
+    anchor_wall_s = time.time() if args.anchor_wall_s is None else args.anchor_wall_s
+    clock = SimulatedClock(start_s=start_s, speedup=args.speedup, anchor_wall_s=anchor_wall_s)
     gateways: list[Gateway] = []
     try:
         for g in range(args.gateways):

@@ -57,6 +57,12 @@ class Settings(ServiceSettings):
     reading_gap_s: float = setting(
         300.0, help="usable readings further apart than this are flagged gap", check=check_positive
     )
+    measured_span_s: float = setting(
+        120.0,
+        help="an interval boundary between two readings at most this far apart is MEASURED; further apart "
+        "(up to 2 h) it is INTERPOLATED, which the ledger settles as estimated",
+        check=check_positive,
+    )
     readings_per_message: int = setting(
         500, help="at most this many readings in one ReadingsBatch message", check=check_positive
     )

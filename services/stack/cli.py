@@ -8,6 +8,7 @@ import signal
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from services.domain.intervals import DEFAULT_GATE_CLOSURE_S, DEFAULT_INTERVAL_S, Interval
@@ -15,6 +16,35 @@ from services.domain.intervals import DEFAULT_GATE_CLOSURE_S, DEFAULT_INTERVAL_S
 # Wall seconds to wait for the last clearings and settlements once the simulated deadline has passed.
 SETTLE_GRACE_WALL_S = 30.0
 DEFAULT_GRID = Path(__file__).resolve().parents[2] / "deploy" / "grids" / "lv_feeder.yaml"
+DEFAULT_METER_MAP = "eastron_sdm630_v2"
+# Simulated seconds between two polls of a meter (at least one wall second, at most five).
+POLL_SPACING_SIM_S = 150.0
+LEDGER_METERING_DELAY_S = 900
+
+
+@dataclass(frozen=True)
+class Metering:
+    """How the simulated meters are polled at a speed-up: wall seconds between polls, the rest simulated."""
+
+    poll_wall_s: float
+    reading_gap_s: int
+    metering_delay_s: int
+    measured_span_s: int
+
+    @classmethod
+    def at(cls, speedup: float) -> Metering:
+        """Polls every POLL_SPACING_SIM_S of simulated time where the machine allows it (no more than once
+        a wall second per meter); the gap, the metering delay and the span of a measured boundary stretch
+        with the real spacing, so a fast clock neither flags every reading as a gap, nor publishes interval
+        energy before the next poll, nor calls polled boundaries interpolated."""
+        poll_wall_s = max(1.0, min(5.0, POLL_SPACING_SIM_S / speedup))
+        spacing = poll_wall_s * speedup
+        return cls(
+            poll_wall_s,
+            reading_gap_s=int(max(300.0, 3 * spacing)),
+            metering_delay_s=int(max(60.0, 1.5 * spacing)),
+            measured_span_s=int(max(120.0, 1.5 * spacing)),
+        )
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -38,6 +68,11 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     parser.add_argument(
         "--workdir", default="", help="folder for databases, logs and NATS (default: a temporary one)"
     )
+    parser.add_argument(
+        "--meter-map",
+        default=DEFAULT_METER_MAP,
+        help=f"register map of the simulated household meters, an id in hw/meters (default {DEFAULT_METER_MAP})",
+    )
     parser.set_defaults(func=run_up)
 
 
@@ -60,6 +95,13 @@ def run_up(args: argparse.Namespace) -> int:
         grid = load_grid(grid_path)
     except (OSError, ConsistencyError, ValueError) as exc:
         return _error(f"--grid {grid_path}: {exc}")
+    from services.meter_ingest.domain.register_map import RegisterMapError
+    from services.meter_ingest.maps import load_register_map
+
+    try:
+        load_register_map(args.meter_map)
+    except (OSError, RegisterMapError, ValueError) as exc:
+        return _error(f"--meter-map {args.meter_map}: {exc}")
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="p2pgrid-up-"))
     return asyncio.run(_run(args, grid, grid_path, workdir))
 
@@ -67,28 +109,56 @@ def run_up(args: argparse.Namespace) -> int:
 async def _run(args: argparse.Namespace, grid: object, grid_path: Path, workdir: Path) -> int:
     from services.domain.grid import Grid
     from services.domain.intervals import SimulatedClock
-    from services.stack.market import MarketProgress, follow_streams, run_bots
+    from services.stack.market import (
+        MarketProgress,
+        follow_streams,
+        prosumers_of,
+        run_bots,
+        write_meters_file,
+    )
     from services.stack.supervisor import Stack, StackConfig
 
     assert isinstance(grid, Grid)
     interval_s = DEFAULT_INTERVAL_S
     # The simulated market opens at the next interval boundary of the wall clock.
     sim_start_s = float(Interval.containing(time.time()).next().start_s - interval_s)
+    metering = Metering.at(args.speedup)
     stack = Stack(
         StackConfig(
             workdir=workdir,
             sim_start_s=sim_start_s,
             speedup=args.speedup,
             grid_path=str(grid_path),
-            extra_env={"order_book": {"P2PGRID_ORDER_BOOK_GRID_FILE": str(grid_path)}},
+            extra_env={
+                "order_book": {"P2PGRID_ORDER_BOOK_GRID_FILE": str(grid_path)},
+                "meter_ingest": {
+                    "P2PGRID_METER_INGEST_READING_GAP_S": str(metering.reading_gap_s),
+                    "P2PGRID_METER_INGEST_METERING_DELAY_S": str(metering.metering_delay_s),
+                    "P2PGRID_METER_INGEST_MEASURED_SPAN_S": str(metering.measured_span_s),
+                },
+                "ledger": {"P2PGRID_LEDGER_METERING_DELAY_S": str(LEDGER_METERING_DELAY_S)},
+            },
         )
     )
+    households = prosumers_of(grid, args.prosumers)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     print(f"p2pgrid up: work folder {workdir}", flush=True)
     try:
+        if households:
+            gateways = await asyncio.to_thread(stack.start_meters, len(households), args.meter_map)
+            meters_path = workdir / "meters.yaml"
+            write_meters_file(
+                meters_path, households, gateways, host="127.0.0.1", poll_interval_s=metering.poll_wall_s
+            )
+            stack.config.meters_path = str(meters_path)
+            print(
+                f"  {len(households)} simulated {args.meter_map} meters on Modbus TCP ports "
+                f"{','.join(map(str, gateways.ports))}, polled every {metering.poll_wall_s:g} s",
+                flush=True,
+            )
         await asyncio.to_thread(stack.start)
     except (RuntimeError, TimeoutError) as exc:
         print(f"p2pgrid up: error: {exc}", file=sys.stderr)
@@ -104,8 +174,7 @@ async def _run(args: argparse.Namespace, grid: object, grid_path: Path, workdir:
     target = f"127.0.0.1:{stack.services['order_book'].grpc_port}"
     bots = await run_bots(
         target,
-        grid,
-        args.prosumers,
+        households,
         clock,
         stop,
         interval_s=interval_s,
@@ -120,7 +189,7 @@ async def _run(args: argparse.Namespace, grid: object, grid_path: Path, workdir:
     first_start_s = (int((clock.now_s() + bidding_s) // interval_s) + 1) * interval_s
     wanted = [first_start_s + i * interval_s for i in range(args.intervals)]
     # Give the last interval its gate closure, clearing and settlement, then a margin of one interval.
-    deadline_sim_s = wanted[-1] + 2 * interval_s
+    deadline_sim_s = wanted[-1] + interval_s + LEDGER_METERING_DELAY_S
     shown: set[int] = set()
     give_up_wall_s = 0.0
     while not stop.is_set():

@@ -3,7 +3,9 @@
 Prosumers sit at the grid's household nodes (the leaves of the network, the
 slack excepted). Every fourth is a home battery, every fourth an EV owner and
 the rest PV prosumers; their keys derive from their number, so a rerun in the
-same work folder is the same market. Progress comes from what the services
+same work folder is the same market. Each has a simulated Modbus meter
+(household load and PV on the simulated clock) that meter_ingest polls; the
+ledger settles on what the meters measured. Progress comes from what the services
 publish: one clearing result per interval on the CLEARING stream and one
 settlement notice per interval on the LEDGER stream.
 """
@@ -15,12 +17,17 @@ import hashlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
 
 from services.domain.grid import Grid
 from services.domain.intervals import SimulatedClock
 from services.gen.p2pgrid.events.v1 import events_pb2
+from services.order_book.client import BotKey
 from services.platform.nats_bus import NatsBus
 from services.platform.subjects import CLEARING_RESULT, LEDGER_SETTLED
+from services.stack.supervisor import MeterGateways
 
 log = logging.getLogger(__name__)
 
@@ -70,10 +77,67 @@ def prosumer_roles(count: int) -> list[str]:
     return ["battery" if i % 4 == 3 else "ev" if i % 4 == 2 else "pv" for i in range(count)]
 
 
+@dataclass(frozen=True)
+class Prosumer:
+    """One household of the local market: its bot's key and role, its node and its meter."""
+
+    number: int
+    role: str
+    key: BotKey
+    node_id: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.role}-{self.number}"
+
+    @property
+    def meter_id(self) -> str:
+        return f"m-{self.number:04d}"
+
+
+def prosumers_of(grid: Grid, count: int) -> list[Prosumer]:
+    """The market's households: keys derive from their number, so a rerun is the same market."""
+    nodes = household_nodes(grid)
+    return [
+        Prosumer(
+            number,
+            role,
+            BotKey.from_seed(hashlib.sha256(f"p2pgrid-prosumer-{number}".encode()).digest()),
+            nodes[number % len(nodes)],
+        )
+        for number, role in enumerate(prosumer_roles(count))
+    ]
+
+
+def write_meters_file(
+    path: Path, prosumers: list[Prosumer], gateways: MeterGateways, *, host: str, poll_interval_s: float
+) -> None:
+    """The meters file for meter_ingest (and grid_check's meter map): each household's meter, polled."""
+    meters = []
+    for prosumer in prosumers:
+        port, unit = gateways.address(prosumer.number)
+        meters.append(
+            {
+                "meter_id": prosumer.meter_id,
+                "participant_id": prosumer.key.participant_id,
+                "node_id": prosumer.node_id,
+                "map": gateways.map_id,
+                "modbus": {
+                    "host": host,
+                    "port": port,
+                    "unit": unit,
+                    "framer": "socket",
+                    "poll_interval_s": poll_interval_s,
+                },
+            }
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump({"meters": meters}, sort_keys=False))
+
+
 async def run_bots(
     target: str,
-    grid: Grid,
-    prosumers: int,
+    prosumers: list[Prosumer],
     clock: SimulatedClock,
     stop: asyncio.Event,
     *,
@@ -83,19 +147,15 @@ async def run_bots(
     """Start one bot task per prosumer; they run until `stop` is set."""
     from examples.bots import battery, ev, pv
     from examples.bots.common import MarketTiming
-    from services.order_book.client import BotKey
 
     timing = MarketTiming(
         clock=clock, interval_s=interval_s, gate_closure_s=gate_closure_s, horizon_intervals=8
     )
-    nodes = household_nodes(grid)
     runners: dict[str, Callable[..., object]] = {"pv": pv.run, "ev": ev.run, "battery": battery.run}
     tasks: list[asyncio.Task[object]] = []
-    for number, role in enumerate(prosumer_roles(prosumers)):
-        key = BotKey.from_seed(hashlib.sha256(f"p2pgrid-prosumer-{number}".encode()).digest())
-        node_id = nodes[number % len(nodes)]
-        coroutine = runners[role](target, key, node_id, timing, stop)
-        tasks.append(asyncio.create_task(coroutine, name=f"{role}-{number}"))  # type: ignore[arg-type]
+    for prosumer in prosumers:
+        coroutine = runners[prosumer.role](target, prosumer.key, prosumer.node_id, timing, stop)
+        tasks.append(asyncio.create_task(coroutine, name=prosumer.label))  # type: ignore[arg-type]
     return tasks
 
 

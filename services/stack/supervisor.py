@@ -39,6 +39,25 @@ class StackConfig:
     extra_env: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
+@dataclass
+class MeterGateways:
+    """The simulated Modbus gateways of `p2pgrid meters simulate`, one process serving them all."""
+
+    process: subprocess.Popen[bytes]
+    log_file: Path
+    map_id: str
+    ports: list[int]
+    units_per_gateway: int
+
+    def address(self, number: int) -> tuple[int, int]:
+        """(port, unit id) of meter `number` (0-based): gateways fill up one after the other."""
+        return self.ports[number // self.units_per_gateway], number % self.units_per_gateway + 1
+
+
+# Modbus unit ids run 1..247; a gateway here serves at most this many meters.
+UNITS_PER_GATEWAY = 200
+
+
 class Stack:
     """nats-server plus one process per service; `start()` returns once all serve."""
 
@@ -46,7 +65,56 @@ class Stack:
         self.config = config
         self.nats = NatsServer(store_dir=config.workdir / "nats")
         self.services: dict[str, ServiceProcess] = {}
+        self.meters: MeterGateways | None = None
         self.anchor_wall_s = time.time()
+
+    def start_meters(self, count: int, map_id: str, timeout_s: float = 60.0) -> MeterGateways:
+        """Serve `count` simulated household meters on the stack's clock; returns where each one answers."""
+        gateways = max(1, -(-count // UNITS_PER_GATEWAY))
+        per_gateway = -(-count // gateways)
+        logs = self.config.workdir / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        log_file = logs / "meters.log"
+        command = [
+            sys.executable,
+            "-m",
+            "services.cli",
+            "meters",
+            "simulate",
+            "--map",
+            map_id,
+            "--count",
+            str(per_gateway),
+            "--gateways",
+            str(gateways),
+            "--port",
+            "0",
+            "--first-unit",
+            "1",
+            "--speedup",
+            repr(self.config.speedup),
+            "--start",
+            repr(self.config.sim_start_s),
+            "--anchor-wall-s",
+            repr(self.anchor_wall_s),
+        ]
+        with open(log_file, "ab") as log:
+            process = subprocess.Popen(
+                command, stdout=subprocess.PIPE, stderr=log, start_new_session=True, env=dict(os.environ)
+            )
+        assert process.stdout is not None
+        deadline = time.monotonic() + timeout_s
+        line = b""
+        while not line and time.monotonic() < deadline and process.poll() is None:
+            line = process.stdout.readline()
+        if not line:
+            process.kill()
+            raise RuntimeError(f"the meter simulator did not start; see {log_file}:\n" + tail(log_file))
+        listening = json.loads(line)
+        self.meters = MeterGateways(
+            process, log_file, map_id, [int(p) for p in listening["ports"]], per_gateway
+        )
+        return self.meters
 
     def database_url(self, service: str) -> str:
         return f"sqlite:///{self.config.workdir / 'db' / service}.db"
@@ -124,10 +192,15 @@ class Stack:
                 restarted.restarts = service.restarts + 1
                 self.services[name] = restarted
                 self._wait_ready(restarted, time.monotonic() + 60)
+        if self.meters is not None and self.meters.process.poll() is not None:
+            events.append(
+                f"the meter simulator exited with {self.meters.process.returncode} (see {self.meters.log_file})"
+            )
+            self.meters = None
         return events
 
     def stop(self, grace_s: float = 10.0) -> dict[str, int]:
-        """SIGTERM every service, wait, then stop NATS; returns each service's exit code."""
+        """SIGTERM every service, wait, then stop the meters and NATS; returns each service's exit code."""
         for service in self.services.values():
             if service.process.poll() is None:
                 service.process.send_signal(signal.SIGTERM)
@@ -139,6 +212,14 @@ class Stack:
             except subprocess.TimeoutExpired:
                 service.process.kill()
                 codes[name] = service.process.wait()
+        if self.meters is not None:
+            if self.meters.process.poll() is None:
+                self.meters.process.send_signal(signal.SIGTERM)
+            try:
+                self.meters.process.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                self.meters.process.kill()
+                self.meters.process.wait()
         self.nats.stop()
         return codes
 

@@ -34,7 +34,12 @@ from typing import Any
 from services.domain.intervals import Clock
 from services.gen.p2pgrid.meteringest.v1 import meter_ingest_pb2 as pb
 from services.meter_ingest.adapters.convert import CARRIED, MS_PER_S, polled_reading, value_flag
-from services.meter_ingest.domain.interval_energy import ORDINARY, MeterEnergyPipeline, MeterIntervalEnergy
+from services.meter_ingest.domain.interval_energy import (
+    ORDINARY,
+    EnergyRules,
+    MeterEnergyPipeline,
+    MeterIntervalEnergy,
+)
 from services.meter_ingest.domain.meter_config import MeterConfig, push_permissions
 from services.meter_ingest.domain.quantities import Quality
 from services.meter_ingest.domain.readings import MeterReading, MeterStatus
@@ -91,6 +96,7 @@ class Ingestor:
         vee: VeeSettings,
         clock: Clock,
         metrics: Metrics,
+        energy_rules: EnergyRules | None = None,
     ) -> None:
         self.interval_s = interval_s
         self.clock = clock
@@ -98,7 +104,7 @@ class Ingestor:
             m.meter_id: MeterEntry(
                 config=m.config,
                 pipeline=MeterEnergyPipeline(
-                    MeterValidator(m.meter_id, limits_from_map(m.register_map), vee), interval_s
+                    MeterValidator(m.meter_id, limits_from_map(m.register_map), vee), interval_s, energy_rules
                 ),
                 polled=m.unit is not None,
             )
