@@ -70,6 +70,12 @@ async def run(
 
     async def tick() -> None:
         bought_wh = sum(accepted.values())
+        # An order counts as pending until its interval starts: it cleared at the gate, so by then any fill
+        # has arrived; without one, that energy is missing again and goes into a later slot.
+        now_s = timing.clock.now_s()
+        for start_s in [s for s in asked if s not in accepted and s < now_s]:
+            del asked[start_s]
+            accepted[start_s] = 0
         pending_wh = sum(wh for start_s, wh in asked.items() if start_s not in accepted)
         missing_wh = params.need_wh - bought_wh - pending_wh
         slots = [s for s in timing.open_starts() if s < deadline_s and s not in asked]

@@ -172,6 +172,7 @@ async def _run(args: argparse.Namespace, grid: object, grid_path: Path, workdir:
     progress = MarketProgress()
     follower = asyncio.create_task(follow_streams(stack.nats.url, progress, stop))
     target = f"127.0.0.1:{stack.services['order_book'].grpc_port}"
+    began = time.monotonic()
     bots = await run_bots(
         target,
         households,
@@ -181,7 +182,9 @@ async def _run(args: argparse.Namespace, grid: object, grid_path: Path, workdir:
         gate_closure_s=DEFAULT_GATE_CLOSURE_S,
     )
     print(
-        f"  {args.prosumers} prosumer bots trading on {grid_path.name} ({len(grid.nodes)} nodes)", flush=True
+        f"  {args.prosumers} prosumer bots registered in {time.monotonic() - began:.1f} s, trading on "
+        f"{grid_path.name} ({len(grid.nodes)} nodes)",
+        flush=True,
     )
     # The first interval traded is the first whose gate closes at least a few wall seconds from now,
     # so that every bot has registered and bid, whatever the speed-up.
@@ -216,7 +219,15 @@ async def _run(args: argparse.Namespace, grid: object, grid_path: Path, workdir:
                 break
         await asyncio.sleep(0.5)
     stop.set()
-    await asyncio.gather(*bots, follower, return_exceptions=True)
+    outcomes = await asyncio.gather(*bots, follower, return_exceptions=True)
+    failures = [
+        (task.get_name(), o)
+        for task, o in zip([*bots, follower], outcomes, strict=True)
+        if isinstance(o, BaseException) and not isinstance(o, asyncio.CancelledError)
+    ]
+    if failures:
+        name, first = failures[0]
+        print(f"  ! {len(failures)} bots failed; the first, {name}: {first!r}", flush=True)
     codes = await asyncio.to_thread(stack.stop)
     cleared, settled = progress.cleared(wanted), progress.settled(wanted)
     print(

@@ -135,6 +135,19 @@ def write_meters_file(
     path.write_text(yaml.safe_dump({"meters": meters}, sort_keys=False))
 
 
+async def register_all(target: str, prosumers: list[Prosumer], in_flight: int = 32) -> None:
+    """Register every household's key at its node before any bot starts, so all trade from the first interval."""
+    from services.order_book.client import OrderBookClient
+
+    slots = asyncio.Semaphore(in_flight)
+
+    async def register(prosumer: Prosumer) -> None:
+        async with slots, OrderBookClient(target, prosumer.key) as client:
+            await client.register(prosumer.node_id, prosumer.label)
+
+    await asyncio.gather(*(register(p) for p in prosumers))
+
+
 async def run_bots(
     target: str,
     prosumers: list[Prosumer],
@@ -151,6 +164,7 @@ async def run_bots(
     timing = MarketTiming(
         clock=clock, interval_s=interval_s, gate_closure_s=gate_closure_s, horizon_intervals=8
     )
+    await register_all(target, prosumers)
     runners: dict[str, Callable[..., object]] = {"pv": pv.run, "ev": ev.run, "battery": battery.run}
     tasks: list[asyncio.Task[object]] = []
     for prosumer in prosumers:
