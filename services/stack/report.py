@@ -13,11 +13,13 @@ while the stack still runs. It reads:
 - the settlement notices from the LEDGER stream (`IntervalSettled`, one per
   settlement revision);
 - the ledger's database: the transfers of the wanted intervals (all
-  revisions, corrections included), the settlement revisions, and
-  `LedgerStore.verify`, the check `p2pgrid ledger verify` runs (hash chain,
-  Merkle roots, signed checkpoints, account totals, balances summing to zero).
+  revisions, corrections included) and the settlement revisions, read from
+  one snapshot without blocking the ledger's writer;
+- the verdict of `p2pgrid ledger verify` on the whole ledger (hash chain,
+  Merkle roots, signed checkpoints, account totals, balances summing to
+  zero), run as its own process.
 
-The streams are read through an ephemeral consumer that acknowledges nothing,
+The streams are read through ephemeral consumers that acknowledge nothing,
 so the services' own consumers are untouched.
 
 It writes into the report folder:
@@ -50,6 +52,7 @@ import asyncio
 import contextlib
 import json
 import re
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -68,6 +71,8 @@ from services.ledger.domain.settlement import (
     CODE_PURCHASE,
     CODE_SALE,
 )
+from services.platform.nats_bus import NatsBus, NatsConnectError
+from services.platform.subjects import CLEARING_RESULT, INTERVAL_ENERGY, LEDGER_SETTLED
 
 SUMMARY_FORMAT = 1
 MONEY_DECIMALS = 4
@@ -79,10 +84,20 @@ CHARTS = {
     "line_loading": "line_loading.png",
     "settlement": "settlement.png",
 }
+CHART_TITLES = {
+    "prices": "Prices per node",
+    "volume": "Cleared volume against metered energy",
+    "line_loading": "Line loading",
+    "settlement": "Settlement totals",
+}
 LOADING_CHART_LINES = 10
 """The line loading chart draws the lines with the highest peak loading, at most this many."""
 PRICE_GROUP_COLUMNS = 8
 """Above this many groups of nodes with different prices, the markdown gives each interval's range only."""
+_VERIFY_OK = re.compile(
+    r"OK: (?P<transfers>\d+) transfers, (?P<checkpoints>\d+) checkpoints, (?P<accounts>\d+) accounts, "
+    r"(?P<revisions>\d+) settlement revisions verified.*; root (?P<root>[0-9a-f]+)"
+)
 _SETTLED_ID = re.compile(r"ledger-settled-(-?\d+)-r(\d+)")
 _QUALITY_RANK = {
     events_pb2.ENERGY_FLAG_MEASURED: 3,
@@ -196,7 +211,7 @@ class _Ledger:
     read_error: str = ""
 
 
-async def _read_subject(bus: Any, stream: str, filter_subject: str, timeout_s: float) -> list[bytes]:
+async def _read_subject(bus: NatsBus, stream: str, filter_subject: str, timeout_s: float) -> list[bytes]:
     """Every message on `filter_subject` now in `stream`, oldest first, through an ephemeral consumer."""
     from nats.errors import TimeoutError as NatsTimeoutError
     from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
@@ -241,9 +256,6 @@ async def _read_subject(bus: Any, stream: str, filter_subject: str, timeout_s: f
 
 
 async def _read_streams(nats_url: str, wanted: set[int], timeout_s: float) -> _Streams:
-    from services.platform.nats_bus import NatsBus, NatsConnectError
-    from services.platform.subjects import CLEARING_RESULT, INTERVAL_ENERGY, LEDGER_SETTLED
-
     try:
         bus = await NatsBus.connect(nats_url, name="p2pgrid-report")
     except NatsConnectError as exc:
@@ -278,81 +290,131 @@ async def _read_streams(nats_url: str, wanted: set[int], timeout_s: float) -> _S
     return streams
 
 
-def _read_ledger(
+def _read_snapshot(engine: Any, queries: Sequence[Any]) -> list[list[Any]]:
+    """The rows of `queries`, all from one snapshot of the database, without blocking the ledger's writer.
+
+    On SQLite the engine's transactions begin IMMEDIATE (they take the write
+    lock), so the reads run on the raw connection in a deferred transaction,
+    which in WAL mode is a snapshot that takes no lock.
+    """
+    if engine.dialect.name != "sqlite":
+        with engine.connect().execution_options(isolation_level="REPEATABLE READ") as conn, conn.begin():
+            return [list(conn.execute(query)) for query in queries]
+    raw = engine.raw_connection()
+    try:
+        cursor = raw.cursor()
+        cursor.execute("BEGIN")
+        try:
+            out = []
+            for query in queries:
+                sql = str(query.compile(dialect=engine.dialect, compile_kwargs={"literal_binds": True}))
+                cursor.execute(sql)
+                out.append(list(cursor.fetchall()))
+            return out
+        finally:
+            cursor.execute("ROLLBACK")
+    finally:
+        raw.close()
+
+
+async def _verify_ledger(
+    database_url: str, public_key: str | None, workers: int
+) -> tuple[bool, str, dict[str, Any]]:
+    """Run `p2pgrid ledger verify` on the ledger: (verified, its OK line or first failure, the counts it names).
+
+    The command runs as a process of its own, so that its hashing (seconds
+    for a day of a large market) holds neither this process's interpreter nor
+    its event loop, and its worker processes fork from a process without threads.
+    """
+    command = [sys.executable, "-m", "services.cli", "ledger", "verify", "--database-url", database_url]
+    command += ["--workers", str(max(1, workers)), "--quiet"]
+    if public_key:
+        command += ["--key", public_key]
+    try:
+        process = await asyncio.create_subprocess_exec(
+            *command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        )
+        out, err = await process.communicate()
+    except OSError as exc:
+        return False, f"cannot run p2pgrid ledger verify: {exc}", {}
+    said = [line.strip() for line in (out + err).decode(errors="replace").splitlines() if line.strip()]
+    if process.returncode != 0:
+        failure = next((line for line in reversed(said) if line.startswith("FAIL: ")), "")
+        return (
+            False,
+            failure.removeprefix("FAIL: ") or f"p2pgrid ledger verify exited with {process.returncode}",
+            {},
+        )
+    ok_line = next((line for line in said if line.startswith("OK: ")), "OK")
+    match = _VERIFY_OK.search(ok_line)
+    counts: dict[str, Any] = {"trusted_key_checked": bool(public_key)}
+    if match:
+        counts.update(
+            transfers=int(match["transfers"]),
+            checkpoints=int(match["checkpoints"]),
+            accounts=int(match["accounts"]),
+            settlement_revisions=int(match["revisions"]),
+            root_hash=match["root"],
+        )
+    return True, ok_line, counts
+
+
+async def _read_ledger(
     database_url: str, market_id: str, wanted: Sequence[int], public_key: str | None, workers: int
 ) -> _Ledger:
-    """Verify the ledger as `p2pgrid ledger verify` does, then read the wanted intervals' transfers and revisions."""
-    from sqlalchemy import select
-
-    from services.ledger.adapters.keys import LedgerKeyError, parse_public_key
-    from services.ledger.adapters.sql import LedgerStore, settled_intervals_table, transfers_table
-    from services.ledger.domain.audit import VerificationError
-    from services.platform.db import DatabaseUrlError, make_engine, parse_database_url
+    """Verify the ledger with `p2pgrid ledger verify`, and read the wanted intervals' transfers and revisions."""
+    from services.platform.db import DatabaseUrlError, parse_database_url
 
     ledger = _Ledger()
     try:
-        trusted = parse_public_key(public_key) if public_key else None
         parsed = parse_database_url(database_url)
-    except (LedgerKeyError, DatabaseUrlError) as exc:
+    except DatabaseUrlError as exc:
         ledger.message = ledger.read_error = str(exc)
         return ledger
     if parsed.get_backend_name() == "sqlite" and not Path(parsed.database or "").is_file():
         # Opening a missing SQLite file would create an empty one.
         ledger.message = ledger.read_error = f"no ledger database at {parsed.database!r}"
         return ledger
+    rows = asyncio.to_thread(_read_ledger_rows, database_url, market_id, wanted, ledger)
+    (ledger.verified, ledger.message, ledger.counts), _ = await asyncio.gather(
+        _verify_ledger(database_url, public_key, workers), rows
+    )
+    return ledger
+
+
+def _read_ledger_rows(database_url: str, market_id: str, wanted: Sequence[int], ledger: _Ledger) -> None:
+    """The transfers and settlement revisions of the wanted intervals, into `ledger`."""
+    from sqlalchemy import select
+
+    from services.ledger.adapters.sql import settled_intervals_table, transfers_table
+    from services.platform.db import make_engine
+
     engine = make_engine(database_url)
     try:
-        store = LedgerStore(engine)
-        try:
-            report = store.verify(trusted_public_key=trusted, workers=max(1, workers))
-        except VerificationError as exc:
-            ledger.message = str(exc)
-        except Exception as exc:  # a database that cannot be read at all fails verification too, named
-            ledger.message = f"cannot read the ledger at {database_url}: {exc}"
-        else:
-            ledger.verified = True
-            ledger.counts = {
-                "transfers": report.transfers,
-                "checkpoints": report.checkpoints,
-                "accounts": report.accounts,
-                "settlement_revisions": report.settled_intervals,
-                "root_hash": report.root_hash.hex(),
-                "signed_by": [key.hex() for key in report.signed_by],
-                "trusted_key_checked": trusted is not None,
-            }
-            ledger.message = (
-                f"OK: {report.transfers} transfers, {report.checkpoints} checkpoints, {report.accounts} accounts, "
-                f"{report.settled_intervals} settlement revisions verified; root {report.root_hash.hex()}"
-                + ("" if trusted else " (not checked against a trusted key)")
-            )
         t = transfers_table.c
         s = settled_intervals_table.c
+        queries = [
+            select(t.interval_start_s, t.debit_account, t.credit_account, t.amount_nano, t.code)
+            .where(t.interval_start_s.in_(list(wanted)))
+            .order_by(t.seq),
+            select(s.interval_start_s, s.revision, s.clearing_digest, s.transfer_count, s.estimated_count)
+            .where(s.market_id == market_id, s.interval_start_s.in_(list(wanted)))
+            .order_by(s.interval_start_s, s.revision),
+        ]
         try:
-            # One read transaction, so transfers and revisions agree with each other.
-            with engine.connect() as conn:
-                for row in conn.execute(
-                    select(t.interval_start_s, t.debit_account, t.credit_account, t.amount_nano, t.code)
-                    .where(t.interval_start_s.in_(list(wanted)))
-                    .order_by(t.seq)
-                ):
-                    ledger.transfers.setdefault(int(row[0]), []).append(
-                        _LedgerTransfer(str(row[1]), str(row[2]), int(row[3]), str(row[4]))
-                    )
-                for row in conn.execute(
-                    select(
-                        s.interval_start_s, s.revision, s.clearing_digest, s.transfer_count, s.estimated_count
-                    )
-                    .where(s.market_id == market_id, s.interval_start_s.in_(list(wanted)))
-                    .order_by(s.interval_start_s, s.revision)
-                ):
-                    ledger.revisions.setdefault(int(row[0]), []).append(
-                        _Revision(int(row[1]), str(row[2]), int(row[3]), int(row[4]))
-                    )
+            transfer_rows, revision_rows = _read_snapshot(engine, queries)
+            for row in transfer_rows:
+                ledger.transfers.setdefault(int(row[0]), []).append(
+                    _LedgerTransfer(str(row[1]), str(row[2]), int(row[3]), str(row[4]))
+                )
+            for row in revision_rows:
+                ledger.revisions.setdefault(int(row[0]), []).append(
+                    _Revision(int(row[1]), str(row[2]), int(row[3]), int(row[4]))
+                )
         except Exception as exc:
             ledger.read_error = f"cannot read the settled intervals from {database_url}: {exc}"
     finally:
         engine.dispose()
-    return ledger
 
 
 # --------------------------------------------------------------------------- figures
@@ -491,105 +553,118 @@ def _account_kind(account_id: str) -> str:
     return account_id.split(":", 1)[0]
 
 
-def _compute(
-    grid: Grid,
-    wanted: Sequence[int],
-    labels: Mapping[str, str],
-    streams: _Streams,
-    ledger: _Ledger,
-    market_id: str,
-) -> _Figures:
-    from services.ledger.adapters.events import EventError, clearing_event
+class _Tally:
+    """Goes through the wanted intervals one by one, adding up per participant and per account."""
 
-    problems: list[str] = []
-    rows: list[_IntervalFigures] = []
-    bought: dict[str, int] = {}
-    sold: dict[str, int] = {}
-    imported: dict[str, int] = {}
-    exported: dict[str, int] = {}
-    by_account: dict[str, dict[str, int]] = {}
-    account_totals: dict[str, tuple[int, int]] = {}
-    for start_s in wanted:
-        row = _IntervalFigures(start_s, grid.interval_s)
+    def __init__(self, market_id: str, streams: _Streams, ledger: _Ledger) -> None:
+        self.market_id = market_id
+        self.streams = streams
+        self.ledger = ledger
+        self.problems: list[str] = []
+        self.bought: dict[str, int] = {}
+        self.sold: dict[str, int] = {}
+        self.imported: dict[str, int] = {}
+        self.exported: dict[str, int] = {}
+        self.by_account: dict[str, dict[str, int]] = {}
+        """account → settlement code → net amount (credits − debits)."""
+        self.account_totals: dict[str, tuple[int, int]] = {}
+
+    def interval(self, start_s: int, length_s: int) -> _IntervalFigures:
+        row = _IntervalFigures(start_s, length_s)
         where = f"interval {_interval_label(start_s)} ({start_s})"
-        raw = streams.clearing.get(start_s)
-        expected_purchases: int | None = None
+        raw = self.streams.clearing.get(start_s)
         if raw is None:
-            problems.append(f"{where}: no clearing result on the CLEARING stream")
+            self.problems.append(f"{where}: no clearing result on the CLEARING stream")
+            expected_purchases = None
         else:
-            result = events_pb2.ClearingResultEvent.FromString(raw).result
-            row.cleared = True
-            row.length_s = int(result.interval.length_s) or grid.interval_s
-            row.orders = len(result.orders)
-            row.accepted_orders = sum(1 for order in result.orders if order.accepted_wh > 0)
-            row.welfare_nano = int(result.welfare_nano)
-            row.prices_micro_per_kwh = {n.node_id: int(n.price_micro_per_kwh) for n in result.nodes}
-            row.flows_w = {line.line_id: int(line.flow_w) for line in result.lines}
-            row.binding_lines = [line.line_id for line in result.lines if line.binding]
-            expected_purchases = 0
-            for t in result.trades:
-                energy_wh = int(t.energy_wh)
-                row.volume_wh += energy_wh
-                if UTILITY_PARTICIPANT_ID not in (t.buyer_participant_id, t.seller_participant_id):
-                    row.local_volume_wh += energy_wh
-                if t.buyer_participant_id == t.seller_participant_id and t.buyer_node_id == t.seller_node_id:
-                    continue  # the participant's own buy and sell at one node: nothing to settle
-                bought[t.buyer_participant_id] = bought.get(t.buyer_participant_id, 0) + energy_wh
-                sold[t.seller_participant_id] = sold.get(t.seller_participant_id, 0) + energy_wh
-                price = row.prices_micro_per_kwh.get(t.buyer_node_id)
-                if price is None:
-                    problems.append(f"{where}: a trade's buyer node {t.buyer_node_id!r} has no price")
-                else:
-                    expected_purchases += energy_wh * price
-            try:
-                digest = clearing_event(raw, market_id).clearing.digest()
-            except EventError as exc:
-                problems.append(f"{where}: the clearing result cannot be read by the ledger: {exc}")
-                digest = ""
-            for revision in ledger.revisions.get(start_s, []):
-                if digest and revision.clearing_digest != digest:
-                    problems.append(
-                        f"{where}: revision {revision.revision} was settled from another clearing result "
-                        f"(digest {revision.clearing_digest}) than the one published ({digest})"
-                    )
+            expected_purchases = self._clearing(row, raw, where)
+        self._meters(row)
+        self._settlement(row, where, expected_purchases)
+        return row
 
-        for meter in streams.meters.get(start_s, {}).values():
+    def _clearing(self, row: _IntervalFigures, raw: bytes, where: str) -> int:
+        """The clearing result's figures; returns what its trades come to at the buyers' node prices."""
+        from services.ledger.adapters.events import EventError, clearing_event
+
+        result = events_pb2.ClearingResultEvent.FromString(raw).result
+        row.cleared = True
+        row.length_s = int(result.interval.length_s) or row.length_s
+        row.orders = len(result.orders)
+        row.accepted_orders = sum(1 for order in result.orders if order.accepted_wh > 0)
+        row.welfare_nano = int(result.welfare_nano)
+        row.prices_micro_per_kwh = {n.node_id: int(n.price_micro_per_kwh) for n in result.nodes}
+        row.flows_w = {line.line_id: int(line.flow_w) for line in result.lines}
+        row.binding_lines = [line.line_id for line in result.lines if line.binding]
+        purchases_nano = 0
+        for t in result.trades:
+            energy_wh = int(t.energy_wh)
+            row.volume_wh += energy_wh
+            if UTILITY_PARTICIPANT_ID not in (t.buyer_participant_id, t.seller_participant_id):
+                row.local_volume_wh += energy_wh
+            if t.buyer_participant_id == t.seller_participant_id and t.buyer_node_id == t.seller_node_id:
+                continue  # the participant's own buy and sell at one node: nothing to settle
+            self.bought[t.buyer_participant_id] = self.bought.get(t.buyer_participant_id, 0) + energy_wh
+            self.sold[t.seller_participant_id] = self.sold.get(t.seller_participant_id, 0) + energy_wh
+            price = row.prices_micro_per_kwh.get(t.buyer_node_id)
+            if price is None:
+                self.problems.append(f"{where}: a trade's buyer node {t.buyer_node_id!r} has no price")
+            else:
+                purchases_nano += energy_wh * price
+        # The ledger must have settled exactly this result: compare its digest with each revision's.
+        try:
+            digest = clearing_event(raw, self.market_id).clearing.digest()
+        except EventError as exc:
+            self.problems.append(f"{where}: the clearing result cannot be read by the ledger: {exc}")
+            return purchases_nano
+        for revision in self.ledger.revisions.get(row.start_s, []):
+            if revision.clearing_digest != digest:
+                self.problems.append(
+                    f"{where}: revision {revision.revision} was settled from another clearing result "
+                    f"(digest {revision.clearing_digest}) than the one published ({digest})"
+                )
+        return purchases_nano
+
+    def _meters(self, row: _IntervalFigures) -> None:
+        for meter in self.streams.meters.get(row.start_s, {}).values():
             row.meters += 1
             if meter.flag != events_pb2.ENERGY_FLAG_MEASURED:
                 row.estimated_meters += 1
-            if not meter.participant_id:
+            pid = meter.participant_id
+            if not pid:
                 row.unassigned_meters += 1
                 continue
             row.metered_import_wh += int(meter.import_wh)
             row.metered_export_wh += int(meter.export_wh)
-            imported[meter.participant_id] = imported.get(meter.participant_id, 0) + int(meter.import_wh)
-            exported[meter.participant_id] = exported.get(meter.participant_id, 0) + int(meter.export_wh)
+            self.imported[pid] = self.imported.get(pid, 0) + int(meter.import_wh)
+            self.exported[pid] = self.exported.get(pid, 0) + int(meter.export_wh)
 
-        notices = streams.notices.get(start_s, {})
-        revisions = ledger.revisions.get(start_s, [])
+    def _settlement(self, row: _IntervalFigures, where: str, expected_purchases: int | None) -> None:
+        notices = self.streams.notices.get(row.start_s, {})
+        revisions = self.ledger.revisions.get(row.start_s, [])
         row.notices = sorted(notices)
         row.revisions = [r.revision for r in revisions]
-        row.settled = 0 in notices and any(r.revision == 0 for r in revisions)
+        row.settled = 0 in notices and 0 in row.revisions
         if not notices:
-            problems.append(f"{where}: no settlement notice on the LEDGER stream")
-        if not revisions and not ledger.read_error:
-            problems.append(f"{where}: not settled in the ledger database")
+            self.problems.append(f"{where}: no settlement notice on the LEDGER stream")
+        if not revisions and not self.ledger.read_error:
+            self.problems.append(f"{where}: not settled in the ledger database")
         for r in revisions:
             notice = notices.get(r.revision)
             if notice is not None and int(notice.transfers) != r.transfer_count:
-                problems.append(
+                self.problems.append(
                     f"{where}: the notice of revision {r.revision} names {notice.transfers} transfers, "
                     f"the ledger booked {r.transfer_count}"
                 )
-
-        transfers = ledger.transfers.get(start_s, [])
+        transfers = self.ledger.transfers.get(row.start_s, [])
         row.transfers = len(transfers)
         amounts = dict.fromkeys((key for key, _ in SETTLEMENT_KEYS), 0)
-        deviation_by_account: dict[str, int] = {}
+        # Per participant: positive, it paid the utility (a shortfall); negative, the utility paid it (a surplus).
+        deviations: dict[str, int] = {}
         purchases_gross = 0
         for tr in transfers:
             debit_kind, credit_kind = _account_kind(tr.debit_account), _account_kind(tr.credit_account)
             amount = tr.amount_nano
+            # A correction may run against a rule's usual direction; it then counts negative.
             if tr.code == CODE_PURCHASE:
                 purchases_gross += amount
                 amounts["trade_purchases"] += -amount if debit_kind == "market" else amount
@@ -600,63 +675,74 @@ def _compute(
             elif tr.code == CODE_CONGESTION_RENT:
                 amounts["congestion_rent"] += amount if debit_kind == "market" else -amount
             elif tr.code == CODE_DEVIATION:
-                # Positive: the participant pays the utility (a shortfall); negative: the utility pays (a surplus).
                 if credit_kind == "utility":
-                    deviation_by_account[tr.debit_account] = (
-                        deviation_by_account.get(tr.debit_account, 0) + amount
-                    )
+                    deviations[tr.debit_account] = deviations.get(tr.debit_account, 0) + amount
                 else:
-                    deviation_by_account[tr.credit_account] = (
-                        deviation_by_account.get(tr.credit_account, 0) - amount
-                    )
-            for account, sign in ((tr.debit_account, -1), (tr.credit_account, 1)):
-                codes = by_account.setdefault(account, {})
-                codes[tr.code] = codes.get(tr.code, 0) + sign * amount
-            debits, credits = account_totals.get(tr.debit_account, (0, 0))
-            account_totals[tr.debit_account] = (debits + amount, credits)
-            debits, credits = account_totals.get(tr.credit_account, (0, 0))
-            account_totals[tr.credit_account] = (debits, credits + amount)
-        amounts["shortfalls"] = sum(v for v in deviation_by_account.values() if v > 0)
-        amounts["surpluses"] = -sum(v for v in deviation_by_account.values() if v < 0)
+                    deviations[tr.credit_account] = deviations.get(tr.credit_account, 0) - amount
+            for account, signed in ((tr.debit_account, -amount), (tr.credit_account, amount)):
+                codes = self.by_account.setdefault(account, {})
+                codes[tr.code] = codes.get(tr.code, 0) + signed
+            debits, credits = self.account_totals.get(tr.debit_account, (0, 0))
+            self.account_totals[tr.debit_account] = (debits + amount, credits)
+            debits, credits = self.account_totals.get(tr.credit_account, (0, 0))
+            self.account_totals[tr.credit_account] = (debits, credits + amount)
+        amounts["shortfalls"] = sum(v for v in deviations.values() if v > 0)
+        amounts["surpluses"] = -sum(v for v in deviations.values() if v < 0)
         row.settlement_nano = amounts
         if expected_purchases is not None and revisions and amounts["trade_purchases"] != expected_purchases:
-            problems.append(
+            self.problems.append(
                 f"{where}: the ledger booked {amounts['trade_purchases']} nano of trade purchases, the clearing "
                 f"result's trades at node prices come to {expected_purchases}"
             )
+        # Each notice names what its revision paid for trades; only complete sets of notices can be compared.
         if notices and set(notices) == set(row.revisions):
             notice_purchases = sum(int(n.traded_amount_nano) for n in notices.values())
             if notice_purchases != purchases_gross:
-                problems.append(
+                self.problems.append(
                     f"{where}: the settlement notices name {notice_purchases} nano paid for trades, "
                     f"the ledger booked {purchases_gross}"
                 )
-        rows.append(row)
-    if ledger.read_error:
-        problems.append(f"ledger: {ledger.read_error}")
 
-    ids = set(labels) | set(bought) | set(sold) | set(imported) | set(exported)
-    ids |= {a.split(":", 1)[1] for a in by_account if _account_kind(a) == "participant"}
-    ids.discard(UTILITY_PARTICIPANT_ID)
-    participants = [
-        _ParticipantFigures(
-            participant_id=pid,
-            label=labels.get(pid, ""),
-            bought_wh=bought.get(pid, 0),
-            sold_wh=sold.get(pid, 0),
-            metered_import_wh=imported.get(pid, 0),
-            metered_export_wh=exported.get(pid, 0),
-            net_by_code_nano=dict(sorted(by_account.get(f"participant:{pid}", {}).items())),
-        )
-        for pid in ids
-    ]
-    participants.sort(key=lambda p: (p.label == "", _natural_key(p.label), p.participant_id))
-    accounts = {
-        account: totals
-        for account, totals in sorted(account_totals.items())
-        if _account_kind(account) != "participant"
-    }
-    return _Figures(rows, participants, accounts, problems)
+    def participants(self, labels: Mapping[str, str]) -> list[_ParticipantFigures]:
+        ids = set(labels) | set(self.bought) | set(self.sold) | set(self.imported) | set(self.exported)
+        ids |= {a.split(":", 1)[1] for a in self.by_account if _account_kind(a) == "participant"}
+        ids.discard(UTILITY_PARTICIPANT_ID)
+        out = [
+            _ParticipantFigures(
+                participant_id=pid,
+                label=labels.get(pid, ""),
+                bought_wh=self.bought.get(pid, 0),
+                sold_wh=self.sold.get(pid, 0),
+                metered_import_wh=self.imported.get(pid, 0),
+                metered_export_wh=self.exported.get(pid, 0),
+                net_by_code_nano=dict(sorted(self.by_account.get(f"participant:{pid}", {}).items())),
+            )
+            for pid in ids
+        ]
+        out.sort(key=lambda p: (p.label == "", _natural_key(p.label), p.participant_id))
+        return out
+
+    def other_accounts(self) -> dict[str, tuple[int, int]]:
+        return {
+            account: totals
+            for account, totals in sorted(self.account_totals.items())
+            if _account_kind(account) != "participant"
+        }
+
+
+def _compute(
+    grid: Grid,
+    wanted: Sequence[int],
+    labels: Mapping[str, str],
+    streams: _Streams,
+    ledger: _Ledger,
+    market_id: str,
+) -> _Figures:
+    tally = _Tally(market_id, streams, ledger)
+    rows = [tally.interval(start_s, grid.interval_s) for start_s in wanted]
+    if ledger.read_error:
+        tally.problems.append(f"ledger: {ledger.read_error}")
+    return _Figures(rows, tally.participants(labels), tally.other_accounts(), tally.problems)
 
 
 # --------------------------------------------------------------------------- price groups and loading
@@ -726,9 +812,10 @@ def _line_loadings(grid: Grid, rows: Sequence[_IntervalFigures]) -> list[_LineLo
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[bool]) -> list[str]:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---:" if r else "---" for r in right) + "|"]
-    lines.extend("| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows)
-    return lines
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"
+
+    return [line(headers), "|" + "|".join("---:" if r else "---" for r in right) + "|", *map(line, rows)]
 
 
 def _price_cell(row: _IntervalFigures) -> str:
@@ -744,254 +831,272 @@ def _participant_name(p: _ParticipantFigures) -> str:
     return p.label or p.participant_id[:12]
 
 
-def _markdown(
-    figures: _Figures,
-    grid: Grid,
-    network_name: str,
-    ledger: _Ledger,
-    loadings: Sequence[_LineLoading],
-    groups: Sequence[list[str]],
-    totals: Mapping[str, int],
-    summary: ReportSummary,
-) -> str:
-    rows = figures.intervals
-    n = len(rows)
-    first, last = rows[0], rows[-1]
-    out = ["# p2pgrid market report", ""]
-    network = f"{network_name} " if network_name else ""
-    out.append(
-        f"{n} delivery interval{'s' if n != 1 else ''} of {first.length_s // 60} min, "
-        f"{_interval_label(first.start_s)} to {_interval_label(last.start_s + last.length_s)} (UTC); "
-        f"{len(figures.participants)} prosumers on the network {network}"
-        f"({len(grid.nodes)} nodes, {len(grid.lines)} lines, slack {grid.slack})."
-    )
-    out.append("")
-    verified = (
-        f"yes: {ledger.counts['transfers']:,} transfers, {ledger.counts['checkpoints']:,} checkpoints, "
-        f"{ledger.counts['accounts']:,} accounts, {ledger.counts['settlement_revisions']:,} settlement revisions "
-        f"(hash chain, Merkle roots, signed checkpoints, balances); root {str(ledger.counts['root_hash'])[:16]}…"
-        if ledger.verified
-        else f"**no**: {ledger.message}"
-    )
-    volume = sum(row.volume_wh for row in rows)
-    local = sum(row.local_volume_wh for row in rows)
-    welfare = sum(row.welfare_nano for row in rows)
-    out += _table(
-        ["run", ""],
-        [
-            ["intervals cleared", f"{summary.cleared} of {n}"],
-            ["intervals settled", f"{summary.settled} of {n}"],
-            ["ledger verified", verified],
-            [
-                "cleared volume",
-                f"{format_kwh(volume)} kWh, of which {format_kwh(local)} kWh between prosumers",
-            ],
-            ["welfare", format_money(welfare)],
-            ["problems", f"{len(figures.problems)} (listed at the end)" if figures.problems else "none"],
-        ],
-        [False, False],
-    )
-    out += [
-        "",
-        "Energy in kWh (exact, from whole Wh); prices in currency per kWh (exact); money in currency, rounded "
-        f"half to even to {MONEY_DECIMALS} decimals. `summary.json` holds the exact integers (Wh, micro-currency "
-        "per kWh, nano-currency, W).",
-        "",
-        "## Intervals",
-        "",
-    ]
-    interval_rows = []
-    for row in rows:
-        interval_rows.append(
-            [
+@dataclass(frozen=True, slots=True)
+class _Markdown:
+    """report.md, one method per section."""
+
+    figures: _Figures
+    grid: Grid
+    network_name: str
+    ledger: _Ledger
+    loadings: Sequence[_LineLoading]
+    groups: Sequence[list[str]]
+    totals: Mapping[str, int]
+    summary: ReportSummary
+
+    def render(self) -> str:
+        sections = (
+            self.run,
+            self.intervals,
+            self.prices,
+            self.line_loading,
+            self.participants,
+            self.settlement,
+            self.other_accounts,
+            self.charts,
+            self.problems,
+        )
+        out = ["# p2pgrid market report", ""]
+        for section in sections:
+            out += [*section(), ""]
+        return "\n".join(out)
+
+    def _ledger_verdict(self) -> str:
+        counts = self.ledger.counts
+        if not self.ledger.verified:
+            return f"**no**: {self.ledger.message}"
+        if "transfers" not in counts:
+            return f"yes: {self.ledger.message}"
+        return (
+            f"yes: {counts['transfers']:,} transfers, {counts['checkpoints']:,} checkpoints, "
+            f"{counts['accounts']:,} accounts, {counts['settlement_revisions']:,} settlement revisions "
+            f"(hash chain, Merkle roots, signed checkpoints, balances); root {str(counts['root_hash'])[:16]}…"
+        )
+
+    def run(self) -> list[str]:
+        rows, grid = self.figures.intervals, self.grid
+        n, first, last = len(rows), rows[0], rows[-1]
+        network = f"{self.network_name} " if self.network_name else ""
+        problems = self.figures.problems
+        return [
+            f"{n} delivery interval{'s' if n != 1 else ''} of {first.length_s // 60} min, "
+            f"{_interval_label(first.start_s)} to {_interval_label(last.start_s + last.length_s)} (UTC); "
+            f"{len(self.figures.participants)} prosumers on the network {network}"
+            f"({len(grid.nodes)} nodes, {len(grid.lines)} lines, slack {grid.slack}).",
+            "",
+            *_table(
+                ["run", ""],
+                [
+                    ["intervals cleared", f"{self.summary.cleared} of {n}"],
+                    ["intervals settled", f"{self.summary.settled} of {n}"],
+                    ["ledger verified", self._ledger_verdict()],
+                    [
+                        "cleared volume",
+                        f"{format_kwh(sum(r.volume_wh for r in rows))} kWh, of which "
+                        f"{format_kwh(sum(r.local_volume_wh for r in rows))} kWh between prosumers",
+                    ],
+                    ["welfare", format_money(sum(r.welfare_nano for r in rows))],
+                    ["problems", f"{len(problems)} (listed at the end)" if problems else "none"],
+                ],
+                [False, False],
+            ),
+            "",
+            "Energy in kWh (exact, from whole Wh); prices in currency per kWh (exact); money in currency, "
+            f"rounded half to even to {MONEY_DECIMALS} decimals. `summary.json` holds the exact integers (Wh, "
+            "micro-currency per kWh, nano-currency, W).",
+        ]
+
+    def intervals(self) -> list[str]:
+        def cells(row: _IntervalFigures) -> list[str]:
+            cleared = [
+                str(row.orders),
+                str(row.accepted_orders),
+                format_kwh(row.volume_wh),
+                format_kwh(row.local_volume_wh),
+            ]
+            revisions = ", ".join(map(str, row.revisions))
+            return [
                 _interval_label(row.start_s),
-                str(row.orders) if row.cleared else "-",
-                str(row.accepted_orders) if row.cleared else "-",
-                format_kwh(row.volume_wh) if row.cleared else "-",
-                format_kwh(row.local_volume_wh) if row.cleared else "-",
+                *(cleared if row.cleared else ["-"] * len(cleared)),
                 format_kwh(row.metered_import_wh),
                 format_kwh(row.metered_export_wh),
                 _price_cell(row),
                 ", ".join(row.binding_lines) or "-",
                 format_money(row.welfare_nano) if row.cleared else "-",
                 ("yes" if row.settled else "no")
-                + (f" (revisions {', '.join(map(str, row.revisions))})" if len(row.revisions) > 1 else ""),
+                + (f" (revisions {revisions})" if len(row.revisions) > 1 else ""),
             ]
-        )
-    out += _table(
-        [
-            "interval (UTC)",
-            "orders",
-            "accepted",
-            "cleared kWh",
-            "between prosumers kWh",
-            "metered import kWh",
-            "metered export kWh",
-            "price per kWh",
-            "binding lines",
-            "welfare",
-            "settled",
-        ],
-        interval_rows,
-        [False, True, True, True, True, True, True, True, False, True, False],
-    )
-    out += ["", "## Prices per node", ""]
-    all_nodes = sum(len(g) for g in groups)
-    if not groups:
-        out.append("No interval was cleared.")
-    elif len(groups) <= PRICE_GROUP_COLUMNS:
-        out.append(
-            "Nodes that had the same price in every interval share a column; the groups are "
-            + "; ".join(f"**{chr(65 + i)}**: {', '.join(g)}" for i, g in enumerate(groups))
-            + "."
-        )
-        out.append("")
-        price_rows = []
-        for row in rows:
-            cells = [_interval_label(row.start_s)]
-            for group in groups:
-                price = row.prices_micro_per_kwh.get(group[0])
-                cells.append(format_price(price) if row.cleared and price is not None else "-")
-            price_rows.append(cells)
-        out += _table(
-            [
-                "interval (UTC)",
-                *(f"{chr(65 + i)}: {_group_name(g, all_nodes)}" for i, g in enumerate(groups)),
-            ],
-            price_rows,
-            [False, *([True] * len(groups))],
-        )
-    else:
-        out.append(
-            f"{len(groups)} groups of nodes had different prices; the table of intervals gives each "
-            "interval's range and `summary.json` every node's price."
-        )
-    out += ["", "## Line loading", ""]
-    shown = [x for x in loadings if x.peak_flow_w > 0][:LOADING_CHART_LINES]
-    if shown:
-        out.append(
-            f"Peak |flow| / capacity over the run, the {len(shown)} most loaded of {len(grid.lines)} lines "
-            "(flows are the interval's average power from the clearing result)."
-        )
-        out.append("")
-        out += _table(
-            ["line", "capacity kW", "peak |flow| kW", "peak loading", "binding in intervals"],
-            [
-                [
-                    x.line_id,
-                    format_kwh(x.capacity_w),
-                    format_kwh(x.peak_flow_w),
-                    format_percent(x.peak_flow_w, x.capacity_w) if x.capacity_w else "overloaded",
-                    str(x.binding_intervals),
-                ]
-                for x in shown
-            ],
-            [False, True, True, True, True],
-        )
-    else:
-        out.append("No line carried any flow.")
-    out += ["", "## Participants", ""]
-    out.append(
-        "Energy bought and sold from the clearing results' trades, metered energy from the meters' interval "
-        "energy, money from the ledger's transfers (all revisions): paid for energy at the buyer's node price, "
-        "received at the seller's, grid fees, deviations from the contracted energy settled with the utility "
-        "(positive: the utility paid), and the net of all of them."
-    )
-    out.append("")
-    money_headers = ["paid for energy", "received for energy", "grid fees", "deviations", "net"]
-    participant_rows = [
-        [
-            _participant_name(p),
-            f"`{p.participant_id[:16]}`",
-            format_kwh(p.bought_wh),
-            format_kwh(p.sold_wh),
-            format_kwh(p.metered_import_wh),
-            format_kwh(p.metered_export_wh),
-            format_money(p.paid_for_energy_nano),
-            format_money(p.received_for_energy_nano),
-            format_money(p.grid_fees_nano),
-            format_money(p.deviations_nano),
-            format_money(p.net_nano),
-        ]
-        for p in figures.participants
-    ]
-    participant_rows.append(
-        [
-            "**total**",
+
+        headers = ["interval (UTC)", "orders", "accepted", "cleared kWh", "between prosumers kWh"]
+        headers += ["metered import kWh", "metered export kWh", "price per kWh", "binding lines", "welfare"]
+        return [
+            "## Intervals",
             "",
-            *(format_kwh(totals[k]) for k in PARTICIPANT_SUMS[:4]),
-            *(format_money(totals[k]) for k in PARTICIPANT_SUMS[4:]),
-        ]
-    )
-    out += _table(
-        [
-            "participant",
-            "id",
-            "bought kWh",
-            "sold kWh",
-            "metered import kWh",
-            "metered export kWh",
-            *money_headers,
-        ],
-        participant_rows,
-        [False, False, *([True] * 9)],
-    )
-    out += ["", "## Settlement per interval", ""]
-    out.append(
-        "Net amounts booked per rule over all revisions of the interval; shortfalls are deviations paid to the "
-        "utility at the retail tariff, surpluses those paid by the utility at the feed-in tariff."
-    )
-    out.append("")
-    settlement_rows = [
-        [
-            _interval_label(row.start_s),
-            str(row.transfers),
-            ", ".join(map(str, row.revisions)) or "-",
-            *(format_money(row.settlement_nano.get(key, 0)) for key, _ in SETTLEMENT_KEYS),
-        ]
-        for row in rows
-    ]
-    settlement_rows.append(
-        [
-            "**total**",
-            str(sum(row.transfers for row in rows)),
-            "",
-            *(
-                format_money(sum(row.settlement_nano.get(key, 0) for row in rows))
-                for key, _ in SETTLEMENT_KEYS
+            *_table(
+                [*headers, "settled"],
+                [cells(row) for row in self.figures.intervals],
+                [False, True, True, True, True, True, True, True, False, True, False],
             ),
         ]
-    )
-    out += _table(
-        ["interval (UTC)", "transfers", "revisions", *(name for _, name in SETTLEMENT_KEYS)],
-        settlement_rows,
-        [False, True, False, *([True] * len(SETTLEMENT_KEYS))],
-    )
-    out += ["", "## Other accounts", ""]
-    if figures.accounts:
-        out += _table(
-            ["account", "debits", "credits", "net (credits − debits)"],
+
+    def prices(self) -> list[str]:
+        groups, rows = self.groups, self.figures.intervals
+        out = ["## Prices per node", ""]
+        if not groups:
+            return [*out, "No interval was cleared."]
+        if len(groups) > PRICE_GROUP_COLUMNS:
+            return [
+                *out,
+                f"{len(groups)} groups of nodes had different prices; the table of intervals gives each "
+                "interval's range and `summary.json` every node's price.",
+            ]
+        all_nodes = sum(len(g) for g in groups)
+        names = [chr(ord("A") + i) for i in range(len(groups))]
+        price_rows = [
             [
-                [f"`{account}`", format_money(d), format_money(c), format_money(c - d)]
-                for account, (d, c) in figures.accounts.items()
-            ],
-            [False, True, True, True],
+                _interval_label(row.start_s),
+                *(
+                    format_price(row.prices_micro_per_kwh[g[0]])
+                    if row.cleared and g[0] in row.prices_micro_per_kwh
+                    else "-"
+                    for g in groups
+                ),
+            ]
+            for row in rows
+        ]
+        return [
+            *out,
+            "Nodes that had the same price in every interval share a column; the groups are "
+            + "; ".join(f"**{name}**: {', '.join(g)}" for name, g in zip(names, groups, strict=True))
+            + ".",
+            "",
+            *_table(
+                [
+                    "interval (UTC)",
+                    *(f"{name}: {_group_name(g, all_nodes)}" for name, g in zip(names, groups, strict=True)),
+                ],
+                price_rows,
+                [False, *([True] * len(groups))],
+            ),
+        ]
+
+    def line_loading(self) -> list[str]:
+        shown = [x for x in self.loadings if x.peak_flow_w > 0][:LOADING_CHART_LINES]
+        if not shown:
+            return ["## Line loading", "", "No line carried any flow."]
+        return [
+            "## Line loading",
+            "",
+            f"Peak |flow| / capacity over the run, the {len(shown)} most loaded of {len(self.grid.lines)} lines "
+            "(flows are the interval's average power from the clearing result).",
+            "",
+            *_table(
+                ["line", "capacity kW", "peak |flow| kW", "peak loading", "binding in intervals"],
+                [
+                    [
+                        x.line_id,
+                        format_kwh(x.capacity_w),
+                        format_kwh(x.peak_flow_w),
+                        format_percent(x.peak_flow_w, x.capacity_w) if x.capacity_w else "overloaded",
+                        str(x.binding_intervals),
+                    ]
+                    for x in shown
+                ],
+                [False, True, True, True, True],
+            ),
+        ]
+
+    def participants(self) -> list[str]:
+        rows = [
+            [
+                _participant_name(p),
+                f"`{p.participant_id[:16]}`",
+                *(format_kwh(getattr(p, key)) for key in PARTICIPANT_SUMS[:4]),
+                *(format_money(getattr(p, key)) for key in PARTICIPANT_SUMS[4:]),
+            ]
+            for p in self.figures.participants
+        ]
+        rows.append(
+            [
+                "**total**",
+                "",
+                *(format_kwh(self.totals[key]) for key in PARTICIPANT_SUMS[:4]),
+                *(format_money(self.totals[key]) for key in PARTICIPANT_SUMS[4:]),
+            ]
         )
-    else:
-        out.append("No transfers were booked for these intervals.")
-    out += ["", "## Charts", ""]
-    titles = {
-        "prices": "Prices per node",
-        "volume": "Cleared volume against metered energy",
-        "line_loading": "Line loading",
-        "settlement": "Settlement totals",
-    }
-    for key, name in CHARTS.items():
-        out += [f"### {titles[key]}", "", f"[![{titles[key]}]({name})]({name})", ""]
-    out += ["## Problems", ""]
-    out += [f"- {p}" for p in figures.problems] or ["None."]
-    out.append("")
-    return "\n".join(out)
+        headers = ["participant", "id", "bought kWh", "sold kWh", "metered import kWh", "metered export kWh"]
+        headers += ["paid for energy", "received for energy", "grid fees", "deviations", "net"]
+        return [
+            "## Participants",
+            "",
+            "Energy bought and sold from the clearing results' trades, metered energy from the meters' interval "
+            "energy, money from the ledger's transfers (all revisions): paid for energy at the buyer's node "
+            "price, received at the seller's, grid fees, deviations from the contracted energy settled with the "
+            "utility (positive: the utility paid), and the net of all of them.",
+            "",
+            *_table(headers, rows, [False, False, *([True] * 9)]),
+        ]
+
+    def settlement(self) -> list[str]:
+        rows = self.figures.intervals
+        table_rows = [
+            [
+                _interval_label(row.start_s),
+                str(row.transfers),
+                ", ".join(map(str, row.revisions)) or "-",
+                *(format_money(row.settlement_nano.get(key, 0)) for key, _ in SETTLEMENT_KEYS),
+            ]
+            for row in rows
+        ]
+        table_rows.append(
+            [
+                "**total**",
+                str(sum(row.transfers for row in rows)),
+                "",
+                *(
+                    format_money(sum(row.settlement_nano.get(key, 0) for row in rows))
+                    for key, _ in SETTLEMENT_KEYS
+                ),
+            ]
+        )
+        return [
+            "## Settlement per interval",
+            "",
+            "Net amounts booked per rule over all revisions of the interval; shortfalls are deviations paid to "
+            "the utility at the retail tariff, surpluses those paid by the utility at the feed-in tariff.",
+            "",
+            *_table(
+                ["interval (UTC)", "transfers", "revisions", *(name for _, name in SETTLEMENT_KEYS)],
+                table_rows,
+                [False, True, False, *([True] * len(SETTLEMENT_KEYS))],
+            ),
+        ]
+
+    def other_accounts(self) -> list[str]:
+        accounts = self.figures.accounts
+        if not accounts:
+            return ["## Other accounts", "", "No transfers were booked for these intervals."]
+        return [
+            "## Other accounts",
+            "",
+            *_table(
+                ["account", "debits", "credits", "net (credits − debits)"],
+                [
+                    [f"`{account}`", format_money(d), format_money(c), format_money(c - d)]
+                    for account, (d, c) in accounts.items()
+                ],
+                [False, True, True, True],
+            ),
+        ]
+
+    def charts(self) -> list[str]:
+        out = ["## Charts"]
+        for key, name in CHARTS.items():
+            out += ["", f"### {CHART_TITLES[key]}", "", f"[![{CHART_TITLES[key]}]({name})]({name})"]
+        return out
+
+    def problems(self) -> list[str]:
+        return ["## Problems", "", *([f"- {p}" for p in self.figures.problems] or ["None."])]
 
 
 # --------------------------------------------------------------------------- charts
@@ -1026,14 +1131,23 @@ def _draw_charts(
 
     fig = Figure(figsize=(10, 5), dpi=100)
     ax = fig.subplots()
-    for group in groups[:12]:
+    for i, group in enumerate(groups[:12]):
         ys = [
             row.prices_micro_per_kwh[group[0]] / 1e6
             if row.cleared and group[0] in row.prices_micro_per_kwh
             else nan
             for row in rows
         ]
-        ax.step(x, ys, where="mid", marker="o", markersize=3, label=_group_name(group, all_nodes))
+        # Earlier groups are drawn wider, so that a group with the same price as a later one stays visible.
+        ax.step(
+            x,
+            ys,
+            where="mid",
+            marker="o",
+            markersize=3,
+            linewidth=max(1.0, 3.5 - 0.5 * i),
+            label=_group_name(group, all_nodes),
+        )
     ax.set_ylabel("price, currency per kWh")
     ax.set_title(
         "Prices per node" + (f" ({len(groups)} groups, 12 drawn)" if len(groups) > 12 else ""), loc="left"
@@ -1119,7 +1233,7 @@ async def write_report(
     network_name: str = "",
     ledger_public_key: str | None = None,
     market_id: str = "default",
-    verify_workers: int = 1,
+    verify_workers: int | None = None,
     read_timeout_s: float = 60.0,
     progress: Callable[[str], None] | None = None,
 ) -> ReportSummary:
@@ -1128,11 +1242,14 @@ async def write_report(
     `labels` maps participant ids to readable names; `ledger_public_key` (hex,
     base64 or a file holding one, as `p2pgrid ledger verify --key` takes it)
     makes the verification check every checkpoint signature against that key.
-    `verify_workers` > 1 forks processes to hash the chain, which is only
-    safe in a process without other threads. Raises ReportError if NATS
-    cannot be reached or a stream cannot be read in `read_timeout_s`; a
+    The verification runs in a process of its own with `verify_workers`
+    hashing processes (default: as `p2pgrid ledger verify`, the CPUs, at
+    most 4). `progress` is told each step as it starts. Raises ReportError if
+    NATS cannot be reached or a stream cannot be read in `read_timeout_s`; a
     ledger that cannot be read or does not verify is reported, not raised.
     """
+    from services.ledger.cli import default_verify_workers
+
     wanted = sorted(set(intervals))
     if not wanted:
         raise ValueError("intervals must name at least one interval")
@@ -1140,9 +1257,8 @@ async def write_report(
     say("reading clearing results, interval energy and settlement notices")
     streams = await _read_streams(nats_url, set(wanted), read_timeout_s)
     say("verifying the ledger")
-    ledger = await asyncio.to_thread(
-        _read_ledger, ledger_database_url, market_id, wanted, ledger_public_key, verify_workers
-    )
+    workers = verify_workers if verify_workers is not None else default_verify_workers()
+    ledger = await _read_ledger(ledger_database_url, market_id, wanted, ledger_public_key, workers)
     figures = _compute(grid, wanted, labels, streams, ledger, market_id)
     if not ledger.verified:
         figures.problems.insert(0, f"ledger: does not verify: {ledger.message}")
@@ -1187,7 +1303,7 @@ async def write_report(
         "problems": list(figures.problems),
     }
     (report_dir / "summary.json").write_text(json.dumps(document, indent=2) + "\n")
-    markdown = _markdown(figures, grid, network_name, ledger, loadings, groups, totals, summary)
+    markdown = _Markdown(figures, grid, network_name, ledger, loadings, groups, totals, summary).render()
     (report_dir / "report.md").write_text(markdown)
     say(f"report written to {report_dir}")
     return summary
