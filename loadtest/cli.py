@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
@@ -37,6 +38,18 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         f"SQLite, simulated clock) and stops it at the end. Scenarios: {scenarios}.",
     )
     parser.error = _usage_error  # type: ignore[method-assign]
+    # Unknown options would otherwise reach the top-level parser, which prints its usage text first.
+    parse_known_args = parser.parse_known_args
+
+    def parse_strictly(
+        args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        parsed, extras = parse_known_args(args, namespace)
+        if extras:
+            _usage_error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed, extras
+
+    parser.parse_known_args = parse_strictly  # type: ignore[method-assign,assignment]
     parser.add_argument(
         "--scenario", default=STEADY, help=f"one of {', '.join(SCENARIOS)} (default {STEADY})"
     )
@@ -170,14 +183,6 @@ def parse_config(args: argparse.Namespace) -> tuple[LoadConfig, list[str]]:
     if args.scenario == METER_FLOOD and meters == 0:
         raise BadInput(f"--scenario {METER_FLOOD} needs at least one push meter (--meters)")
     speedup = DEFAULT_SPEEDUP if args.speedup == "" else _number(args, "speedup", float, 0, above=True)
-    grid_path = Path(args.grid) if args.grid else DEFAULT_GRID
-    try:
-        grid = load_grid(grid_path)
-    except (OSError, ConsistencyError, ValueError) as exc:
-        raise BadInput(
-            f"--grid {grid_path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
-        ) from None
-    nodes = household_nodes(grid)
 
     external = None
     addresses = {"nats-url": args.nats_url, "order-book": args.order_book, "meter-ingest": args.meter_ingest}
@@ -229,6 +234,14 @@ def parse_config(args: argparse.Namespace) -> tuple[LoadConfig, list[str]]:
     )
     if report_dir.exists() and not report_dir.is_dir():
         raise BadInput(f"--report-dir {report_dir} is a file, not a folder")
+    grid_path = Path(args.grid) if args.grid else DEFAULT_GRID
+    try:
+        grid = load_grid(grid_path)
+    except (OSError, ConsistencyError, ValueError) as exc:
+        raise BadInput(
+            f"--grid {grid_path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        ) from None
+    nodes = household_nodes(grid)
     config = LoadConfig(
         scenario=args.scenario,
         duration_s=duration_s,

@@ -129,6 +129,11 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         "to the moment the result arrived on the CLEARING stream; settlement lag from the interval's end to "
         "the ledger's first IntervalSettled notice."
     )
+    if report["earlier_intervals_reported"]:
+        out.append(
+            f"Left out: notices about {report['earlier_intervals_reported']} intervals whose gate closed before "
+            "the load began."
+        )
     out += ["", "### Per interval", ""]
     rows = [
         [

@@ -35,6 +35,9 @@ PROGRESS_EVERY_S = 5.0
 # Own stack: the ledger settles an interval this long (market seconds) after it ends, meter_ingest having
 # published its energy after its own 60 s; the built-in 900 s would put every settlement past a short run.
 OWN_STACK_METERING_DELAY_S = 120
+# Own stack: the ledger looks for intervals to settle every second (the built-in 5 wall seconds are 10
+# market minutes at 120x and would dominate the settlement lag).
+OWN_STACK_SETTLE_PERIOD_S = 1.0
 # Own stack: readings stamped this many wall seconds from meter_ingest's clock still count (at 120x the
 # built-in 30 market seconds are a quarter of a wall second, less than a busy machine's scheduling delay).
 OWN_STACK_CLOCK_SKEW_WALL_S = 5.0
@@ -307,8 +310,14 @@ def build_report(
     clock = endpoints.clock
     tally = flow.tally
     traded = tally.intervals()
-    # Intervals whose gate closed during the run and that the services reported on, plus those traded.
-    shown = sorted(set(traded) | {s for s, seen in observer.intervals.items()})
+
+    # The intervals of the run: those traded, and those whose gate closed after the load began and that the
+    # services reported on. Notices about earlier intervals (a ledger catching up) are counted, not shown.
+    def of_run(start_s: int) -> bool:
+        return wall_s_of(clock, start_s - calendar.gate_closure_s) >= started_wall_s
+
+    shown = sorted(set(traded) | {s for s in observer.intervals if of_run(s)})
+    earlier = sorted(s for s in observer.intervals if s not in shown)
     intervals = []
     lost = checked = 0
     solver_ms: list[float] = []
@@ -435,6 +444,7 @@ def build_report(
             "settlement_lag_wall_s": summarize(lag_wall, 3),
         },
         "intervals": intervals,
+        "earlier_intervals_reported": len(earlier),
         "timeline": recorder.timeline(recorder.started_s + load_s),
         "stack": {
             "description": endpoints.description,
@@ -495,7 +505,10 @@ async def run_against_own_stack(
     skew_s = max(30.0, OWN_STACK_CLOCK_SKEW_WALL_S * config.speedup)
     extra_env = {
         "order_book": {"P2PGRID_ORDER_BOOK_GRID_FILE": str(config.grid_path)},
-        "ledger": {"P2PGRID_LEDGER_METERING_DELAY_S": str(OWN_STACK_METERING_DELAY_S)},
+        "ledger": {
+            "P2PGRID_LEDGER_METERING_DELAY_S": str(OWN_STACK_METERING_DELAY_S),
+            "P2PGRID_LEDGER_SETTLE_PERIOD_S": f"{OWN_STACK_SETTLE_PERIOD_S:g}",
+        },
         "meter_ingest": {"P2PGRID_METER_INGEST_MAX_CLOCK_SKEW_S": f"{skew_s:g}"},
     }
     stack = Stack(
@@ -530,7 +543,8 @@ async def run_against_own_stack(
             f"simulated clock {config.speedup:g}x from {iso(sim_start_s)}",
             f"interval {config.interval_s} s, gate closure {config.gate_closure_s} s before",
             f"grid {config.grid_path.name}, {config.meters} push meters (meters file {meters_path.name})",
-            f"ledger metering delay {OWN_STACK_METERING_DELAY_S} s (market), meter_ingest max clock skew {skew_s:g} s (market)",
+            f"ledger metering delay {OWN_STACK_METERING_DELAY_S} s (market), settle period "
+            f"{OWN_STACK_SETTLE_PERIOD_S:g} s (wall); meter_ingest max clock skew {skew_s:g} s (market)",
             "everything else at the services' defaults",
         ],
         check=stack.check,
@@ -559,7 +573,7 @@ class Unreachable(RuntimeError):
     """An address given for an external stack does not answer."""
 
 
-async def _reachable(option: str, target: str, timeout_s: float = 5.0) -> None:
+async def _reachable(option: str, target: str, timeout_s: float = 3.0) -> None:
     async with grpc.aio.insecure_channel(target) as channel:
         try:
             await asyncio.wait_for(channel.channel_ready(), timeout_s)
