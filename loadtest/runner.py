@@ -129,7 +129,11 @@ def write_meters_for(path: Path, config: LoadConfig, nodes: list[str]) -> None:
 
 
 async def run_load(
-    config: LoadConfig, endpoints: Endpoints, nodes: list[str], say: Callable[[str], None]
+    config: LoadConfig,
+    endpoints: Endpoints,
+    nodes: list[str],
+    say: Callable[[str], None],
+    deadline: Deadline,
 ) -> tuple[dict[str, Any], bool]:
     """Drive the scenario against `endpoints`; returns the report document and whether the run is sound."""
     clock = endpoints.clock
@@ -180,36 +184,29 @@ async def run_load(
         started_wall_s = time.time()
         started_market_s = clock.now_s()
         recorder.started_s = started_s = time.monotonic()
-        deadline = Deadline(started_s + config.duration_s)
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, deadline.stop)
-        try:
-            tasks: list[asyncio.Task[None]] = []
+        deadline.set(started_s + config.duration_s)
+        tasks: list[asyncio.Task[None]] = []
+        if market:
+            tasks.append(asyncio.create_task(flow.run(config.duration_s, started_s, deadline)))
+        for gateway in gateways:
             if market:
-                tasks.append(asyncio.create_task(flow.run(config.duration_s, started_s, deadline)))
-            for gateway in gateways:
-                if market:
-                    period_wall_s = config.reading_period_s / speedup
-                    tasks.append(asyncio.create_task(gateway.run_paced(period_wall_s, deadline)))
-                else:
-                    tasks.append(asyncio.create_task(gateway.run_flood(config.messages_per_call, deadline)))
-            progress = asyncio.create_task(_progress(recorder, observer, flow, endpoints, deadline, say))
-            try:
-                await asyncio.gather(*tasks)
-                load_end_s = time.monotonic()
-                await flow.finish()
-                if flow.failure is not None:
-                    failure = f"{type(flow.failure).__name__}: {flow.failure}"
-                drain_started_s = time.monotonic()
-                if market and not failure:
-                    await _drain(flow, observer, drain_started_s + config.drain_s, deadline)
-                drain_s = time.monotonic() - drain_started_s
-            finally:
-                progress.cancel()
+                period_wall_s = config.reading_period_s / speedup
+                tasks.append(asyncio.create_task(gateway.run_paced(period_wall_s, deadline)))
+            else:
+                tasks.append(asyncio.create_task(gateway.run_flood(config.messages_per_call, deadline)))
+        progress = asyncio.create_task(_progress(recorder, observer, flow, endpoints, deadline, say))
+        try:
+            await asyncio.gather(*tasks)
+            load_end_s = time.monotonic()
+            await flow.finish()
+            if flow.failure is not None:
+                failure = f"{type(flow.failure).__name__}: {flow.failure}"
+            drain_started_s = time.monotonic()
+            if market and not failure:
+                await _drain(flow, observer, drain_started_s + config.drain_s, deadline)
+            drain_s = time.monotonic() - drain_started_s
         finally:
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                loop.remove_signal_handler(signum)
+            progress.cancel()
     finally:
         await observer.stop()
         await flow.close()
@@ -260,9 +257,9 @@ async def _progress(
         phase = "load" if now_s < deadline.end_s else "drain"
         line = f"  [{now_s - recorder.started_s:5.0f} s {phase}]"
         if flow.traders and flow.tally.intervals():
-            line += f" orders {orders} ({(orders - last_orders) / width_s:.0f}/s)"
+            line += f"  orders {orders} ({(orders - last_orders) / width_s:.0f}/s)"
         if recorder.readings_sent:
-            line += f" readings {readings} ({(readings - last_readings) / width_s:.0f}/s)"
+            line += f"  readings {readings} ({(readings - last_readings) / width_s:.0f}/s)"
             if recorder.readings_rejected:
                 line += f", {recorder.readings_rejected} rejected"
         line += f"  errors {recorder.error_count()}"
@@ -274,8 +271,7 @@ async def _progress(
 
 async def _drain(flow: OrderFlow, observer: Observer, until_s: float, deadline: Deadline) -> None:
     """Wait until every interval that got orders is cleared and settled, or `until_s` (monotonic), or Ctrl-C."""
-    end_of_load_s = deadline.end_s
-    while time.monotonic() < until_s and deadline.end_s == end_of_load_s:
+    while time.monotonic() < until_s and not deadline.interrupted:
         pending = [
             s
             for s in flow.tally.intervals()
@@ -485,7 +481,7 @@ def external_endpoints(config: LoadConfig) -> Endpoints:
 
 
 async def run_against_own_stack(
-    config: LoadConfig, nodes: list[str], say: Callable[[str], None]
+    config: LoadConfig, nodes: list[str], say: Callable[[str], None], deadline: Deadline
 ) -> tuple[dict[str, Any], bool]:
     """Start nats-server and the five services (SQLite, simulated clock), run the load, stop them."""
     import shutil
@@ -552,7 +548,7 @@ async def run_against_own_stack(
     report: dict[str, Any] | None = None
     sound = False
     try:
-        report, sound = await run_load(config, endpoints, nodes, say)
+        report, sound = await run_load(config, endpoints, nodes, say, deadline)
     finally:
         codes = await asyncio.to_thread(stack.stop)
         if report is not None:
@@ -582,15 +578,27 @@ async def _reachable(option: str, target: str, timeout_s: float = 3.0) -> None:
 
 
 async def run(config: LoadConfig, nodes: list[str], say: Callable[[str], None]) -> int:
-    """The whole run: the report written to `config.report_dir`; 0 when sound, 1 otherwise."""
-    if config.external is None:
-        report, sound = await run_against_own_stack(config, nodes, say)
-    else:
-        endpoints = external_endpoints(config)
-        await _reachable("--order-book", endpoints.order_book)
-        if endpoints.meter_ingest:
-            await _reachable("--meter-ingest", endpoints.meter_ingest)
-        report, sound = await run_load(config, endpoints, nodes, say)
+    """The whole run: the report written to `config.report_dir`; 0 when sound, 1 otherwise.
+
+    Ctrl-C (or SIGTERM) at any moment ends the load at once; a stack being started is stopped after it
+    came up, and the report covers what ran.
+    """
+    deadline = Deadline()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, deadline.stop)
+    try:
+        if config.external is None:
+            report, sound = await run_against_own_stack(config, nodes, say, deadline)
+        else:
+            endpoints = external_endpoints(config)
+            await _reachable("--order-book", endpoints.order_book)
+            if endpoints.meter_ingest:
+                await _reachable("--meter-ingest", endpoints.meter_ingest)
+            report, sound = await run_load(config, endpoints, nodes, say, deadline)
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
     json_path, markdown_path = write_report(config.report_dir, report)
     orders, readings = report["orders"], report["readings"]
     say(

@@ -77,13 +77,18 @@ def order_rate_per_s(
 
 
 class Deadline:
-    """The end of the load as a `time.monotonic()` instant; Ctrl-C moves it to now."""
+    """The end of the load as a `time.monotonic()` instant; Ctrl-C moves it to now (and keeps it there)."""
 
-    def __init__(self, end_s: float) -> None:
+    def __init__(self, end_s: float = float("inf")) -> None:
         self.end_s = end_s
+        self.interrupted = False
 
     def stop(self) -> None:
+        self.interrupted = True
         self.end_s = min(self.end_s, time.monotonic())
+
+    def set(self, end_s: float) -> None:
+        self.end_s = min(self.end_s, end_s)
 
     def passed(self) -> bool:
         return time.monotonic() >= self.end_s
