@@ -62,8 +62,11 @@ class Signal:
 
     def __init__(self) -> None:
         self._event = asyncio.Event()
+        # Counts notifications, so a reader can tell whether anything happened since it last looked.
+        self.generation = 0
 
     def notify(self) -> None:
+        self.generation += 1
         self._event.set()
         self._event = asyncio.Event()
 
@@ -169,6 +172,12 @@ class OrderBook:
         self.clock = clock
         self.feed = feed
         self.fills_signal = fills_signal
+        # Newest fill_seq per participant as of fills_signal generation `_marks_generation`: a fill stream
+        # reads the database only when its participant has fills it has not sent, not on every clearing.
+        self._fill_marks: dict[str, int] = {}
+        self._fill_marks_seq = 0
+        self._marks_generation = -1
+        self._marks_lock = asyncio.Lock()
         self.stop = stop
         self.operator_ids = frozenset(participant_id_from_public_key(key) for key in operator_keys)
         self.open_registration = open_registration
@@ -430,14 +439,28 @@ class OrderBook:
         after = after_fill_seq
         while not self.stop.is_set():
             waiter = self.fills_signal.waiter()
-            fills = await asyncio.to_thread(
-                self.store.fills_after, identity.participant_id, after, FILLS_PAGE
-            )
+            fills: list[Fill] = []
+            if await self._newest_fill_seq(identity.participant_id) > after:
+                fills = await asyncio.to_thread(
+                    self.store.fills_after, identity.participant_id, after, FILLS_PAGE
+                )
             for fill in fills:
                 yield fill
                 after = fill.fill_seq
             if len(fills) < FILLS_PAGE:
                 await wait_any(waiter, self.stop, timeout_s=5.0)
+
+    async def _newest_fill_seq(self, participant_id: str) -> int:
+        """The participant's newest committed fill_seq; one grouped query per clearing serves every stream."""
+        if self._marks_generation != self.fills_signal.generation:
+            async with self._marks_lock:
+                generation = self.fills_signal.generation
+                if self._marks_generation != generation:
+                    marks = await asyncio.to_thread(self.store.fill_marks_after, self._fill_marks_seq)
+                    self._fill_marks.update(marks)
+                    self._fill_marks_seq = max([self._fill_marks_seq, *marks.values()])
+                    self._marks_generation = generation
+        return self._fill_marks.get(participant_id, 0)
 
     async def stream_market_data(self, identity: Identity) -> AsyncIterator[MarketEvent]:
         """Recent closed and cleared intervals, the open ones, then each change, until the service stops."""

@@ -826,6 +826,16 @@ class BookStore:
             rows = conn.execute(query.order_by(orders_t.c.book_seq).limit(limit)).all()
         return [_record(row) for row in rows]
 
+    def fill_marks_after(self, after_fill_seq: int) -> dict[str, int]:
+        """Per participant, the newest fill_seq of the fills after `after_fill_seq` (one grouped query)."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(fills_t.c.participant_id, func.max(fills_t.c.fill_seq))
+                .where(fills_t.c.fill_seq > after_fill_seq)
+                .group_by(fills_t.c.participant_id)
+            ).all()
+        return {participant_id: int(seq) for participant_id, seq in rows}
+
     def fills_after(self, participant_id: str, after_fill_seq: int, limit: int) -> list[Fill]:
         with self.engine.connect() as conn:
             rows = conn.execute(
