@@ -84,10 +84,13 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     ]
     out += _table(["what", "count", "per second"], rows)
     out.append("")
-    out.append(
-        f"Clearing requests checked: {orders['intervals_checked']} of {orders['intervals_traded']} traded "
-        f"intervals (the others had not closed by the end of the drain)."
+    checked = (
+        f"Clearing requests checked against the acknowledged orders: {orders['intervals_checked']} of "
+        f"{orders['intervals_traded']} traded intervals"
     )
+    if orders["intervals_checked"] < orders["intervals_traded"]:
+        checked += " (the others had not reached their gate closure by the end of the drain)"
+    out.append(checked + ".")
     out += ["", "## Latency per RPC (successful calls)", ""]
     latency = report["latency_ms"]
     rows = [

@@ -143,7 +143,6 @@ async def run_load(
     recorder = Recorder()
     keys = [trader_key(config.seed, i) for i in range(config.prosumers)]
     observer = Observer({key.participant_id for key in keys})
-    await observer.start(endpoints.nats_url)
     market = config.scenario != METER_FLOOD
     flow = OrderFlow(
         target=endpoints.order_book,
@@ -163,6 +162,7 @@ async def run_load(
     gateways: list[PushGateway] = []
     failure = ""
     try:
+        await observer.start(endpoints.nats_url)
         if market:
             await flow.register_all()
         if endpoints.meter_ingest and config.meters > 0:
