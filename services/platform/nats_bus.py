@@ -50,6 +50,9 @@ class NatsBus:
         self.client = client
         self.js: JetStreamContext = client.jetstream()
         self.name = name
+        # Told (durable, messages still waiting after the batch just fetched) after every fetch of `pull`:
+        # the consumer's lag, for the p2pgrid_nats_consumer_pending gauge.
+        self.on_pending: Callable[[str, int], None] | None = None
 
     @classmethod
     async def connect(cls, url: str, *, name: str, timeout_s: float = 3.0) -> NatsBus:
@@ -142,7 +145,11 @@ class NatsBus:
                 try:
                     msgs = await subscription.fetch(batch, timeout=fetch_timeout_s)
                 except (NatsTimeoutError, TimeoutError):
+                    if self.on_pending is not None:
+                        self.on_pending(durable, 0)
                     continue
+                if self.on_pending is not None and msgs:
+                    self.on_pending(durable, int(msgs[-1].metadata.num_pending or 0))
                 deliveries = []
                 for msg in msgs:
                     headers = msg.headers or {}

@@ -128,6 +128,8 @@ async def _serve(service: str, settings: S, build: Build[S], log: logging.Logger
         loop.add_signal_handler(signum, stop.set)
 
     metrics = Metrics(service)
+    pending = metrics.gauge("p2pgrid_nats_consumer_pending")
+    bus.on_pending = lambda durable, waiting: pending.labels(service=service, consumer=durable).set(waiting)
     grpc_server = GrpcServer(metrics)
     ctx: ServiceContext[S] = ServiceContext(
         name=service,

@@ -18,27 +18,21 @@ What is asserted:
   market by design;
 - every alert rule evaluates without error.
 
-Without market traffic (no bots or meters in this stack), the services
-export only part of the catalog, so "returns data" covers only the panels
-on those metrics. When this test was written that was 17 of the 59 panel
-queries: services serving and service status (p2pgrid_service_up); gRPC
-requests, errors, latency p99, p50 and mean, and error ratio; NATS messages
-published and the outbox backlog; the order book's gate closures and fills;
-grid_check's line loading (most loaded line, lines over their limit, line
-loading, ten most loaded lines) and net injection per node. The clearing,
-settlement, metering, consumer-lag and verdict panels are checked for
-validity only. Run with `-s` to see the panels held to "returns data" and
-those whose metrics are not exported yet. Once the stack runs a market
-(bots and meters, as `p2pgrid up` does), set EVERY_PANEL_HAS_DATA to True:
-then every metric the dashboards use must be exported and every panel
-outside ALARM_PANELS must return data.
+The stack is the local market of `p2pgrid up` (services/stack/local_market.py):
+simulated Modbus meters polled by meter_ingest, prosumer bots trading through
+the order book, clearing, grid verdicts and settlement. The queries run once
+TRADED_INTERVALS intervals have cleared and settled, while the market keeps
+trading, so every metric the dashboards use is exported and every panel
+outside ALARM_PANELS must return data. Run with `-s` to see the panels.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -55,7 +49,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from services.gen.p2pgrid.gridcheck.v1 import grid_check_pb2 as pb
 from services.gen.p2pgrid.gridcheck.v1 import grid_check_pb2_grpc as pb_grpc
 from services.platform.nats_server import free_port
-from services.stack.supervisor import Stack, StackConfig
+from services.stack.local_market import LocalMarket, MarketOptions
+from services.stack.supervisor import Stack
 
 REPO = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(REPO / "tests" / "unit" / "deploy"))
@@ -70,8 +65,12 @@ from deploy_checks import (  # noqa: E402
     variable_queries,
 )
 
-# Switch on once the stack used here runs a market (bots and meters).
-EVERY_PANEL_HAS_DATA = False
+# The market runs with bots and meters: every metric the dashboards use is exported.
+EVERY_PANEL_HAS_DATA = True
+PROSUMERS = 16
+SPEEDUP = 240.0
+# Intervals traded, cleared and settled before the queries run.
+TRADED_INTERVALS = 3
 # Panels that show only failures: empty while nothing fails.
 ALARM_PANELS = frozenset(
     {
@@ -81,6 +80,8 @@ ALARM_PANELS = frozenset(
         "Violations by line",
         "Invalid values by reason",
         "Meters with invalid values",
+        "Offline meters",
+        "Violations",
     }
 )
 SCRAPE_INTERVAL_S = 1
@@ -164,32 +165,87 @@ class Prometheus:
                 self.process.wait()
 
 
+class MarketThread:
+    """The local market of `p2pgrid up` (services/stack/local_market.py) on an event loop of its own thread."""
+
+    def __init__(self, options: MarketOptions) -> None:
+        self.options = options
+        self.market: LocalMarket | None = None
+        self.wanted: list[int] = []
+        self.error: BaseException | None = None
+        self._started = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=self._run, name="local-market", daemon=True)
+
+    def _run(self) -> None:
+        asyncio.run(self._main())
+
+    async def _main(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        market = LocalMarket(self.options)
+        try:
+            await market.start()
+            self.market = market
+            self.wanted = market.next_intervals(TRADED_INTERVALS)
+        except BaseException as exc:
+            self.error = exc
+            self._started.set()
+            return
+        self._started.set()
+        try:
+            await self._stop.wait()
+        finally:
+            await market.close()
+
+    def start(self, timeout_s: float = 120.0) -> LocalMarket:
+        self._thread.start()
+        if not self._started.wait(timeout_s) or self.market is None:
+            raise RuntimeError(f"the local market did not start: {self.error!r}")
+        return self.market
+
+    def wait_until_settled(self, timeout_s: float) -> None:
+        """Until every traded interval is cleared and settled."""
+        assert self.market is not None
+        deadline = time.monotonic() + timeout_s
+        while not self.market.done(self.wanted):
+            if time.monotonic() > deadline:
+                progress = self.market.progress
+                raise TimeoutError(
+                    f"{progress.cleared(self.wanted)} cleared, {progress.settled(self.wanted)} settled "
+                    f"of {len(self.wanted)} intervals"
+                )
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(timeout=60)
+
+
 @pytest.fixture(scope="module")
 def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, Prometheus]]:
     binary = require_tool("prometheus")
     folder = tmp_path_factory.mktemp("live-dashboards")
-    stack = Stack(
-        StackConfig(
-            workdir=folder / "stack",
-            sim_start_s=time.time(),
-            speedup=60.0,
-            grid_path=str(REPO / "deploy" / "grids" / "lv_feeder.yaml"),
-        )
+    market_thread = MarketThread(
+        MarketOptions(workdir=folder / "stack", prosumers=PROSUMERS, speedup=SPEEDUP)
     )
     prometheus: Prometheus | None = None
     try:
-        stack.start(timeout_s=60)
+        stack = market_thread.start().stack
         _call_some_rpcs(stack.services["grid_check"].grpc_port)
         prometheus = Prometheus(
             folder, {name: service.metrics_port for name, service in stack.services.items()}
         )
         prometheus.start(binary)
+        market_thread.wait_until_settled(timeout_s=240)
         _wait_for_scrapes(prometheus, len(stack.services))
         yield stack, prometheus
     finally:
         if prometheus is not None:
             prometheus.stop()
-        stack.stop()
+        market_thread.stop()
 
 
 def _call_some_rpcs(grpc_port: int) -> None:
