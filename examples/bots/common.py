@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import logging
 import signal
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -26,6 +27,33 @@ log = logging.getLogger("p2pgrid.bots")
 TICK_MICRO_PER_KWH = 100
 
 
+class SharedMarketData:
+    """One market-data stream fanned out to every bot of a process that runs many (as `p2pgrid up` does).
+
+    Market data is public and the same for everyone, so a thousand bots need not
+    hold a thousand streams; a bot subscribing late first gets the recent events.
+    """
+
+    def __init__(self, client: OrderBookClient, stop: asyncio.Event, recent: int = 400) -> None:
+        self.client = client
+        self.stop = stop
+        self._handlers: list[Callable[[pb.MarketData], None]] = []
+        self._recent: deque[pb.MarketData] = deque(maxlen=recent)
+
+    def subscribe(self, handler: Callable[[pb.MarketData], None]) -> Callable[[], None]:
+        """Call `handler` with each event (the recent ones first); returns the unsubscribe function."""
+        for event in self._recent:
+            handler(event)
+        self._handlers.append(handler)
+        return lambda: self._handlers.remove(handler)
+
+    async def run(self) -> None:
+        async for event in self.client.market_data(stop=self.stop):
+            self._recent.append(event)
+            for handler in list(self._handlers):
+                handler(event)
+
+
 @dataclass(frozen=True)
 class MarketTiming:
     """The market's calendar as the bot sees it; the clock must match the order book's."""
@@ -34,6 +62,8 @@ class MarketTiming:
     interval_s: int = 900
     gate_closure_s: int = 300
     horizon_intervals: int = 96
+    # Many bots in one process share one market-data stream; None: each bot opens its own.
+    shared_market: SharedMarketData | None = None
 
     def open_starts(self) -> list[int]:
         """The intervals that accept orders now (the next gate first)."""
@@ -121,22 +151,27 @@ class BotRuntime:
                 handler(fill)
             self._wake.set()
 
+    def _on_market(self, event: pb.MarketData) -> None:
+        kind = event.WhichOneof("event")
+        if kind == "interval_cleared":
+            for node in event.interval_cleared.nodes:
+                if node.node_id == self.node_id:
+                    self.prices[event.interval_cleared.interval_start_s] = node.price_micro_per_kwh
+        if kind in ("interval_cleared", "interval_opened"):
+            self._wake.set()
+
     async def _follow_market(self) -> None:
         async for event in self.client.market_data(stop=self.stop):
-            kind = event.WhichOneof("event")
-            if kind == "interval_cleared":
-                for node in event.interval_cleared.nodes:
-                    if node.node_id == self.node_id:
-                        self.prices[event.interval_cleared.interval_start_s] = node.price_micro_per_kwh
-            if kind in ("interval_cleared", "interval_opened"):
-                self._wake.set()
+            self._on_market(event)
 
     async def run(self, tick: Callable[[], Awaitable[None]]) -> BotReport:
         """Call `tick` on every wake-up until `stop` is set."""
-        followers = [
-            asyncio.ensure_future(self._follow_fills()),
-            asyncio.ensure_future(self._follow_market()),
-        ]
+        followers = [asyncio.ensure_future(self._follow_fills())]
+        unsubscribe: Callable[[], None] | None = None
+        if self.timing.shared_market is not None:
+            unsubscribe = self.timing.shared_market.subscribe(self._on_market)
+        else:
+            followers.append(asyncio.ensure_future(self._follow_market()))
         try:
             while not self.stop.is_set():
                 try:
@@ -153,6 +188,8 @@ class BotRuntime:
                 for waiter in waiters:
                     waiter.cancel()
         finally:
+            if unsubscribe is not None:
+                unsubscribe()
             for follower in followers:
                 follower.cancel()
             await asyncio.gather(*followers, return_exceptions=True)

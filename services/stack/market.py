@@ -159,14 +159,24 @@ async def run_bots(
 ) -> list[asyncio.Task[object]]:
     """Start one bot task per prosumer; they run until `stop` is set."""
     from examples.bots import battery, ev, pv
-    from examples.bots.common import MarketTiming
+    from examples.bots.common import MarketTiming, SharedMarketData
+    from services.order_book.client import OrderBookClient
 
-    timing = MarketTiming(
-        clock=clock, interval_s=interval_s, gate_closure_s=gate_closure_s, horizon_intervals=8
-    )
     await register_all(target, prosumers)
-    runners: dict[str, Callable[..., object]] = {"pv": pv.run, "ev": ev.run, "battery": battery.run}
     tasks: list[asyncio.Task[object]] = []
+    shared: SharedMarketData | None = None
+    if prosumers:
+        # Market data is public: the households share one stream instead of holding one each.
+        shared = SharedMarketData(OrderBookClient(target, prosumers[0].key), stop)
+        tasks.append(asyncio.create_task(shared.run(), name="market-data"))
+    timing = MarketTiming(
+        clock=clock,
+        interval_s=interval_s,
+        gate_closure_s=gate_closure_s,
+        horizon_intervals=8,
+        shared_market=shared,
+    )
+    runners: dict[str, Callable[..., object]] = {"pv": pv.run, "ev": ev.run, "battery": battery.run}
     for prosumer in prosumers:
         coroutine = runners[prosumer.role](target, prosumer.key, prosumer.node_id, timing, stop)
         tasks.append(asyncio.create_task(coroutine, name=prosumer.label))  # type: ignore[arg-type]
