@@ -93,13 +93,26 @@ def clear(
     # so tick * sum(level * signed a)); congestion rent = what buyers pay minus
     # what sellers get at their node prices; both exact integers.
     step_accepted = allocation.accepted_wh
-    total_accepted = int(step_accepted.sum())
-    signed = np.multiply(step_accepted, np.where(steps.is_buy, 1, -1))
+    node_count = len(grid.nodes)
+    # Steps are sorted by (node, side): per-segment sums are differences of prefix sums.
+    segment_start = steps.segment_start
+    accepted_prefix = _prefix_sums(step_accepted)
+    total_accepted = int(accepted_prefix[-1])
+    segment_accepted = np.diff(accepted_prefix[segment_start]).reshape(node_count, 2)
+    net_bought = segment_accepted[:, 1] - segment_accepted[:, 0]
     largest_level = (
         max(abs(steps.base_level), abs(steps.base_level + steps.key_span - 1)) if len(steps) else 0
     )
-    welfare = _exact_dot(steps.level, signed, largest_level * total_accepted) * steps.tick_micro_per_kwh
-    net_bought = np.bincount(steps.node, weights=signed, minlength=len(grid.nodes)).astype(np.int64)
+    if largest_level * total_accepted < _INT64_SAFE:
+        weighted_prefix = _prefix_sums(np.multiply(steps.level, step_accepted))
+        segment_weighted = np.diff(weighted_prefix[segment_start]).reshape(node_count, 2)
+        welfare_levels = int(segment_weighted[:, 1].sum()) - int(segment_weighted[:, 0].sum())
+    else:
+        signed = np.multiply(step_accepted, np.where(steps.is_buy, 1, -1))
+        welfare_levels = sum(
+            int(x) * int(y) for x, y in zip(steps.level.tolist(), signed.tolist(), strict=True)
+        )
+    welfare = welfare_levels * steps.tick_micro_per_kwh
     congestion_rent = sum(
         int(p) * int(n) for p, n in zip(prices.price_micro_per_kwh.tolist(), net_bought.tolist(), strict=True)
     )
@@ -137,10 +150,9 @@ def clear(
     )
 
 
-def _exact_dot(a: IntArray, b: IntArray, bound: int) -> int:
-    """sum(a * b) exactly, given a bound on its terms' absolute sum: int64 when that fits, else Python integers."""
-    if not len(a):
-        return 0
-    if bound < _INT64_SAFE:
-        return int(np.dot(a, b))
-    return sum(int(x) * int(y) for x, y in zip(a.tolist(), b.tolist(), strict=True))
+def _prefix_sums(values: IntArray) -> IntArray:
+    """prefix[i] = sum of values[:i] (length len(values) + 1)."""
+    prefix = np.empty(len(values) + 1, dtype=np.int64)
+    prefix[0] = 0
+    np.cumsum(values, out=prefix[1:])
+    return prefix

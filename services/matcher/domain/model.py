@@ -64,6 +64,9 @@ CERTIFY_GROUP_GROWTH = 64
 # many buckets per node and this many cells in all.
 MAX_CURVE_BUCKETS = 1024
 MAX_DENSE_CURVE_CELLS = 4_000_000
+# Buckets of at most this many levels are summed from the aggregation's level table.
+_SUMMED_BUCKET_LEVELS = 8
+_NO_LEVEL = np.iinfo(np.int64).max // 4
 # Rounds of estimating where the windows belong; then rounds of certifying
 # (windows only grow); after the last, every step is a variable of its own.
 ESTIMATE_ROUNDS = 2
@@ -168,8 +171,7 @@ def solve_steps(
     certify_width = np.maximum(
         half_width * CERTIFY_WIDTH_FACTOR if estimate_rounds else half_width, np.ceil(moved).astype(np.int64)
     )
-    low = target - certify_width
-    high = target + certify_width
+    low, high = _reach_steps(steps, target, target - certify_width, target + certify_width)
     certify_rounds = 0
     while True:
         rounds += 1
@@ -226,48 +228,71 @@ def radial_levels(steps: PriceSteps, grid: Grid, limits_wh: FloatArray) -> tuple
     if node_count * width > MAX_DENSE_CURVE_CELLS:
         return None
     table: FloatArray
-    if bucket == 1 and steps.key_table is not None:
-        # One bucket per level: the aggregation's (node, side, level) table is this table.
-        table = steps.key_table
+    if steps.key_table is not None and bucket <= _SUMMED_BUCKET_LEVELS:
+        # The aggregation's (node, side, level) table, its levels summed into buckets.
+        table = _bucket_sums(steps.key_table.reshape(2 * node_count, span), bucket)
     else:
         column = steps.level - base
         if bucket > 1:
-            column = (np.arange(span) // bucket)[column]
+            column = column // bucket
         # One pass: a (node, side, bucket) table; steps are sorted that way already.
         offset = (steps.node * 2 + steps.is_buy) * width + column
-        table = np.asarray(
-            np.bincount(offset, weights=steps.energy_wh.astype(np.float64), minlength=2 * node_count * width),
-            dtype=np.float64,
+        sums = np.bincount(
+            offset, weights=steps.energy_wh.astype(np.float64), minlength=2 * node_count * width
         )
-    table = table.reshape(node_count, 2, width)
-    supply = table[:, 0, :]
-    demand = table[:, 1, :]
-    # Supply at or below a bucket, minus demand at or above it (all demand minus demand below it).
-    curves = np.cumsum(supply, axis=1) - (
-        demand.sum(axis=1, keepdims=True) - np.cumsum(demand, axis=1) + demand
-    )
+        table = np.asarray(sums, dtype=np.float64).reshape(2 * node_count, width)
+    supply = table[0::2]
+    demand = table[1::2]
+    # Supply at or below a bucket minus demand at or above it: the running sum
+    # of supply up to the bucket and of demand below it, minus all demand.
+    # (Whole Wh below 2**52 in float64: every sum is exact.)
+    curves = supply.copy()
+    curves[:, 1:] += demand[:, :-1]
+    np.cumsum(curves, axis=1, out=curves)
+    curves -= demand.sum(axis=1, keepdims=True)
     order, entry_line = grid.search_tree()
     ends = [(grid.node_index[line.from_node], grid.node_index[line.to_node]) for line in grid.lines]
     parent = [-1] * node_count
     for node in order[1:]:
         a, b = ends[entry_line[node]]
         parent[node] = a if b == node else b
+    limits = limits_wh.tolist()
+    clipped = np.empty(width)
     for node in reversed(order[1:]):
-        limit = limits_wh[entry_line[node]]
-        curves[parent[node]] += np.clip(curves[node], -limit, limit)
-    position = np.empty(node_count, dtype=np.int64)
+        limit = limits[entry_line[node]]
+        np.minimum(curves[node], limit, out=clipped)
+        np.maximum(clipped, -limit, out=clipped)
+        curves[parent[node]] += clipped
+    # Curves never decrease: the first bucket at or above a value is the number of buckets below it.
+    position = [0] * node_count
     root = order[0]
-    position[root] = min(int(np.searchsorted(curves[root], 0.0, side="left")), width - 1)
+    position[root] = min(int(np.count_nonzero(curves[root] < 0.0)), width - 1)
     for node in order[1:]:
-        limit = limits_wh[entry_line[node]]
-        at_parent = curves[node][position[parent[node]]]
+        limit = limits[entry_line[node]]
+        at_parent = float(curves[node, position[parent[node]]])
         if at_parent > limit:
-            position[node] = min(int(np.searchsorted(curves[node], limit, side="left")), width - 1)
+            position[node] = min(int(np.count_nonzero(curves[node] < limit)), width - 1)
         elif at_parent < -limit:
-            position[node] = min(int(np.searchsorted(curves[node], -limit, side="left")), width - 1)
+            position[node] = min(int(np.count_nonzero(curves[node] < -limit)), width - 1)
         else:
             position[node] = position[parent[node]]
-    return (base + position * bucket + (bucket - 1) / 2).astype(np.float64), bucket
+    return (base + np.array(position, dtype=np.int64) * bucket + (bucket - 1) / 2).astype(np.float64), bucket
+
+
+def _bucket_sums(table: FloatArray, bucket: int) -> FloatArray:
+    """Each row's columns summed in runs of `bucket` (the last run may be shorter)."""
+    if bucket == 1:
+        return table
+    rows, span = table.shape
+    whole = span // bucket
+    sums = np.empty((rows, -(-span // bucket)))
+    head = sums[:, :whole]
+    np.copyto(head, table[:, 0 : whole * bucket : bucket])
+    for first in range(1, bucket):
+        head += table[:, first : whole * bucket : bucket]
+    if sums.shape[1] > whole:
+        sums[:, whole] = table[:, whole * bucket :].sum(axis=1)
+    return sums
 
 
 def crossing_level(steps: PriceSteps) -> int:
@@ -350,6 +375,31 @@ def define_variables(steps: PriceSteps, low: IntArray, high: IntArray, *, certif
         group_energy_wh=group_energy,
         group_expected_wh=np.where(expected_full, group_energy, 0),
     )
+
+
+def _reach_steps(
+    steps: PriceSteps, target: IntArray, low: IntArray, high: IntArray
+) -> tuple[IntArray, IntArray]:
+    """Windows [low, high] widened so that each reaches the nearest step of both sides at or below and at or above its target.
+
+    In a sparse book a node's price can lie anywhere between two steps
+    several levels apart; a window with no step on one side of it would
+    leave the marginal step in a group and cost another round.
+    """
+    node_count = len(target)
+    span = steps.key_span
+    segments = np.arange(2 * node_count)
+    offset = np.clip(target - steps.base_level, 0, span - 1)[segments // 2]
+    key = segments * span + offset
+    first = steps.segment_start[:-1]
+    last = steps.segment_start[1:]
+    below = np.searchsorted(steps.step_key, key, side="right") - 1
+    above = np.searchsorted(steps.step_key, key, side="left")
+    reach_low = np.where(below >= first, steps.level[np.clip(below, 0, None)], _NO_LEVEL)
+    reach_high = np.where(above < last, steps.level[np.clip(above, None, len(steps) - 1)], -_NO_LEVEL)
+    low = np.minimum(low, reach_low.reshape(node_count, 2).min(axis=1))
+    high = np.maximum(high, reach_high.reshape(node_count, 2).max(axis=1))
+    return low, high
 
 
 def _ranges(first: IntArray, last: IntArray) -> IntArray:

@@ -64,15 +64,17 @@ class NodePrices:
 
 def node_bounds(steps: PriceSteps, accepted_wh: IntArray, node_count: int) -> tuple[IntArray, IntArray]:
     """Per node, the admissible price interval [low, high] in ticks that its steps allow (±_NO_BOUND if open)."""
-    full = accepted_wh == steps.energy_wh
-    rejected = accepted_wh == 0
-    partial = ~(full | rejected)
-    is_buy = steps.is_buy
-    raises_floor = (is_buy & rejected) | (~is_buy & full) | partial
-    lowers_ceiling = (is_buy & full) | (~is_buy & rejected) | partial
     low = np.full(node_count, -_NO_BOUND, dtype=np.int64)
     high = np.full(node_count, _NO_BOUND, dtype=np.int64)
     if len(steps):
+        # A sell with some energy accepted, or a buy not fully accepted, raises
+        # the floor; a buy with some energy accepted, or a sell not fully
+        # accepted, lowers the ceiling.
+        some = accepted_wh > 0
+        short = accepted_wh < steps.energy_wh
+        is_buy = steps.is_buy
+        raises_floor = np.where(is_buy, short, some)
+        lowers_ceiling = np.where(is_buy, some, short)
         # Steps are sorted by node: reduce each node's run.
         node_start = steps.segment_start[0:-1:2]
         present = steps.segment_start[2::2] > node_start

@@ -102,7 +102,10 @@ class PriceSteps:
     @cached_property
     def energy_prefix(self) -> IntArray:
         """energy_prefix[i] = energy of steps [0, i)."""
-        return np.concatenate(([0], np.cumsum(self.energy_wh))).astype(np.int64)
+        prefix = np.empty(len(self.energy_wh) + 1, dtype=np.int64)
+        prefix[0] = 0
+        np.cumsum(self.energy_wh, out=prefix[1:])
+        return prefix
 
     @cached_property
     def weighted_prefix(self) -> npt.NDArray[np.float64]:
@@ -154,15 +157,27 @@ def validate(request: ClearingInput, grid: Grid) -> ValidOrders:
             f"price {int(price[row])} micro per kWh is beyond ±{MAX_ABS_PRICE_MICRO_PER_KWH} micro per kWh",
         )
     tick = grid.price_tick_micro_per_kwh
-    # The floor of the quotient is the level whenever the price is on the tick;
-    # the product check catches the rest.
-    level_wide: IntArray = np.floor_divide(price, tick, dtype=np.int64)
-    on_tick = np.multiply(level_wide, tick)
+    # The floor of the quotient is the level whenever the price is on the tick.
     # Levels fit 32 bits unless prices are huge against the tick; 32-bit keys are cheaper.
     narrow = max(abs(price_min), abs(price_max)) // tick < 2**30
-    level: npt.NDArray[np.int32] | IntArray = level_wide.astype(np.int32) if narrow else level_wide
-    if not np.array_equal(on_tick, price):
-        row = int(np.argmax(on_tick != price))
+    level: npt.NDArray[np.int32] | IntArray
+    if narrow:
+        level = np.empty(count, dtype=np.int32)
+        np.floor_divide(price, tick, out=level, casting="unsafe")
+    else:
+        level = np.floor_divide(price, tick, dtype=np.int64)
+    # Each price is its level's multiple of the tick plus a remainder in [0, tick):
+    # all remainders are 0 exactly when the prices sum to tick x the levels' sum.
+    # Both sums wrap around modulo 2**64, which keeps that test exact while
+    # count x tick < 2**64.
+    if count * tick < 2**64:
+        price_sum = int(price.sum(dtype=np.int64))
+        level_sum = int(level.sum(dtype=np.int64))
+        on_tick = (price_sum - tick * level_sum) % 2**64 == 0
+    else:
+        on_tick = bool(np.array_equal(np.multiply(level, tick, dtype=np.int64), price))
+    if not on_tick:
+        row = int(np.argmax(np.multiply(level, tick, dtype=np.int64) != price))
         raise OrderError(
             request.describe_row(row),
             f"price {int(price[row])} micro per kWh is not on the market's tick of {tick} micro per kWh",
@@ -259,11 +274,11 @@ def aggregate(orders: ValidOrders, grid: Grid) -> PriceSteps:
         np.int64
     )
     runs = np.diff(segment_start)
-    step_segment = np.repeat(np.arange(2 * node_count, dtype=np.int64), runs)
+    segment_key = np.arange(2 * node_count, dtype=np.int64) * span
     return PriceSteps(
-        node=step_segment >> 1,
-        is_buy=(step_segment & 1).astype(bool),
-        level=step_key - step_segment * span + low,
+        node=np.repeat(np.arange(node_count, dtype=np.int64), runs[0::2] + runs[1::2]),
+        is_buy=np.repeat(np.tile(np.array([False, True]), node_count), runs),
+        level=step_key - np.repeat(segment_key - low, runs),
         energy_wh=step_energy,
         segment_start=segment_start,
         order_key=order_key,

@@ -42,34 +42,48 @@ def decompose(accepted_wh: IntArray, is_buy: BoolArray) -> Trades:
     buying = traded & is_buy
     buys = np.flatnonzero(buying)
     sells = np.flatnonzero(traded ^ buying)
-    if not len(buys) or not len(sells):
+    buy_count, sell_count = len(buys), len(sells)
+    if not buy_count or not sell_count:
         empty = np.zeros(0, dtype=np.int64)
         return Trades(empty, empty, empty)
-    buy_ends = accepted_wh[buys]
-    np.cumsum(buy_ends, out=buy_ends)
-    sell_ends = accepted_wh[sells]
-    np.cumsum(sell_ends, out=sell_ends)
-    if buy_ends[-1] != sell_ends[-1]:
-        raise ValueError(f"buys ({int(buy_ends[-1])} Wh) and sells ({int(sell_ends[-1])} Wh) do not balance")
-    # Merge both sides' cuts, with the side in the lowest bit (a buy's cut
-    # sorts before a sell's at the same energy). Two sorted runs: the stable
-    # sort merges them in linear time.
-    cuts = np.empty(len(buys) + len(sells), dtype=np.int64)
-    np.left_shift(buy_ends, 1, out=cuts[: len(buys)])
-    np.left_shift(sell_ends, 1, out=cuts[len(buys) :])
-    cuts[len(buys) :] |= 1
+    # Both sides' cumulative energy (the cuts) in one array: buys, then sells.
+    total = buy_count + sell_count
+    cuts = np.empty(total, dtype=np.int64)
+    buy_cuts, sell_cuts = cuts[:buy_count], cuts[buy_count:]
+    np.take(accepted_wh, buys, out=buy_cuts)
+    np.cumsum(buy_cuts, out=buy_cuts)
+    np.take(accepted_wh, sells, out=sell_cuts)
+    np.cumsum(sell_cuts, out=sell_cuts)
+    if buy_cuts[-1] != sell_cuts[-1]:
+        raise ValueError(f"buys ({int(buy_cuts[-1])} Wh) and sells ({int(sell_cuts[-1])} Wh) do not balance")
+    # Merge them with the side in the lowest bit (a buy's cut sorts before a
+    # sell's at the same energy). Two sorted runs: the stable sort merges them
+    # in linear time.
+    cuts <<= 1
+    sell_cuts |= 1
     cuts.sort(kind="stable")
-    is_sell_cut = (cuts & 1).astype(np.bool_)
+    is_sell_cut = cuts & 1
     cuts >>= 1
+    # Piece k runs from cut k-1 to cut k; it belongs to the sell and the buy
+    # whose cuts it has not passed yet: the sells cut before it, and the buys
+    # cut before it (k minus the sells'). (In 64 bits: they index arrays, and
+    # narrower indices get converted first.)
     length = np.empty_like(cuts)
     length[0] = cuts[0]
     np.subtract(cuts[1:], cuts[:-1], out=length[1:])
-    # A piece belongs to the buy and the sell whose cuts it has not passed yet:
-    # the sells cut before it, and the buys cut before it (all cuts before it
-    # minus the sells').
-    # (In 64 bits: they index arrays, and narrower indices get converted first.)
-    sells_before = np.cumsum(is_sell_cut, dtype=np.int64)
-    sells_before -= is_sell_cut
-    pieces = np.flatnonzero(length)
-    sellers = sells_before[pieces]
-    return Trades(buys[pieces - sellers], sells[sellers], length[pieces])
+    sellers = np.empty_like(cuts)
+    sellers[0] = 0
+    np.cumsum(is_sell_cut[:-1], out=sellers[1:])
+    # The last piece is empty (both sides end at the same energy), and so is
+    # every piece where a buy and a sell are cut at the same energy.
+    positive = length[:-1] != 0
+    if positive.all():
+        pieces: IntArray = np.arange(total - 1, dtype=np.int64)
+        sellers = sellers[:-1]
+        length = length[:-1]
+    else:
+        pieces = np.flatnonzero(positive)
+        sellers = sellers[pieces]
+        length = length[pieces]
+    buyers = np.subtract(pieces, sellers, out=pieces)
+    return Trades(buys[buyers], sells[sellers], length)
