@@ -36,15 +36,18 @@ so a change made behind the ledger's back is found.
 
 from __future__ import annotations
 
+import functools
 import gc
 import itertools
 import json
 import multiprocessing
+import queue
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from nacl.signing import SigningKey
 from sqlalchemy import (
@@ -66,17 +69,17 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from services.domain.intervals import Clock, RealClock
 from services.ledger.domain.audit import AuditReport, LedgerAuditor, RangeResult, VerificationError
-from services.ledger.domain.chain import HashedBatch, hash_batch
+from services.ledger.domain.chain import hash_batch
 from services.ledger.domain.checkpoint import NO_PREVIOUS, Checkpoint, sign_checkpoint
 from services.ledger.domain.ledger import (
     AccountTotals,
+    GroupTotals,
     LedgerError,
     Status,
     Transfer,
     TransferError,
     check_balance_sum,
     plan_batch,
-    plan_new_group,
 )
 from services.ledger.domain.merkle import (
     MerkleFrontier,
@@ -103,14 +106,16 @@ from services.ledger.domain.settlement import (
     SettlementConflictError,
     SettlementInputError,
     SettlementInputs,
-    SettlementPlan,
     SettlementRules,
     clearing_from_json,
     clearing_to_json,
+    estimated_participants,
+    first_settlement_chunks,
+    first_settlement_transfers,
+    initial_meter_state,
     meter_state_from_json,
     meter_state_to_json,
     participant_energy,
-    plan_first_settlement,
     plan_resettlement,
     plan_restaged_settlement,
     settlement_due_s,
@@ -279,24 +284,50 @@ class TransferNotFoundError(LedgerError, LookupError):
 
 # --------------------------------------------------------------------------- database specifics
 
+CHUNK_TRANSFERS = 256
+"""Transfers per chunk on their way to the database: one multi-row INSERT per table on SQLite."""
+
+BatchItem = tuple[str, Any]
+"""What the batch's Python work hands to the database, in order: ("transfers", rows), ("chain", rows)
+for each chunk, ("end", None) after the last chunk, then ("done", _Written)."""
+
+
+@dataclass(slots=True)
+class _Written:
+    """The outcome of a batch's Python work: where the chain ends, the Merkle nodes, totals, checkpoint."""
+
+    seq: int
+    head: bytes
+    frontier: MerkleFrontier
+    completed: list[tuple[int, int, bytes]]
+    totals: Mapping[str, AccountTotals]
+    checkpoint: Checkpoint
+
 
 class _Backend:
     """The statements that differ between SQLite and PostgreSQL, on the raw driver cursor."""
 
     placeholder = "?"
+    run_ahead = False
+    """Run the batch's Python work in a helper thread, ahead of the inserts (see `_run_ahead`)."""
 
     def lock(self, conn: Connection) -> None:
         """Serialise writers; on SQLite the transaction's BEGIN IMMEDIATE already did."""
 
+    def transfer_rows(self, first_seq: int, chunk: Sequence[Transfer]) -> Any:
+        """A chunk of transfers in the form `write` inserts."""
+        return [(seq, *t) for seq, t in zip(itertools.count(first_seq), chunk)]
+
+    def chain_rows(self, rows: list[tuple[int, str, bytes, bytes]]) -> Any:
+        return rows
+
+    def write(self, cursor: Any, items: Iterator[BatchItem]) -> _Written:
+        """Insert the transfers and chain rows as `items` delivers them; return the final item."""
+        raise NotImplementedError
+
     def insert_rows(
-        self,
-        cursor: Any,
-        table: str,
-        columns: Sequence[str],
-        rows: Sequence[tuple[Any, ...]],
-        meanwhile: Callable[[], None] | None = None,
+        self, cursor: Any, table: str, columns: Sequence[str], rows: Sequence[tuple[Any, ...]]
     ) -> None:
-        """Insert rows; `meanwhile` runs while the database works on them where it can, else after."""
         raise NotImplementedError
 
     def upsert_accounts(self, cursor: Any, rows: Sequence[tuple[str, str, int, int]]) -> None:
@@ -313,8 +344,11 @@ class _Backend:
 
 class _SqliteBackend(_Backend):
     placeholder = "?"
+    # SQLite inserts in this process but releases the GIL while it does: with the hashing in a helper
+    # thread, one chunk is inserted while the next is hashed.
+    run_ahead = True
     # Multi-row INSERTs bind a whole chunk at once: ~1.5x the rows/s of executemany with the same rows.
-    rows_per_statement = 200
+    rows_per_statement = CHUNK_TRANSFERS
 
     def __init__(self) -> None:
         self._sql: dict[tuple[str, int], str] = {}
@@ -326,21 +360,50 @@ class _SqliteBackend(_Backend):
             sql = self._sql[key] = self.values_sql(table, columns, count, suffix)
         return sql
 
+    def transfer_rows(self, first_seq: int, chunk: Sequence[Transfer]) -> Any:
+        # The statement's parameters, flattened here so that the inserting thread only binds them.
+        params: list[Any] = []
+        extend = params.extend
+        seq = first_seq
+        for t in chunk:
+            params.append(seq)
+            extend(t)
+            seq += 1
+        return len(chunk), params
+
+    def chain_rows(self, rows: list[tuple[int, str, bytes, bytes]]) -> Any:
+        return len(rows), list(itertools.chain.from_iterable(rows))
+
+    def write(self, cursor: Any, items: Iterator[BatchItem]) -> _Written:
+        execute = cursor.execute
+        transfers_sql = chain_sql = ""
+        transfers_count = chain_count = 0
+        for kind, payload in items:
+            if kind == "transfers":
+                count, params = payload
+                if count != transfers_count:
+                    transfers_sql = self._insert_sql("transfers", TRANSFER_COLUMNS, count)
+                    transfers_count = count
+                execute(transfers_sql, params)
+            elif kind == "chain":
+                count, params = payload
+                if count != chain_count:
+                    chain_sql = self._insert_sql("chain", CHAIN_COLUMNS, count)
+                    chain_count = count
+                execute(chain_sql, params)
+            elif kind == "done":
+                written: _Written = payload
+                return written
+        raise AssertionError("the batch ended without its final item")
+
     def insert_rows(
-        self,
-        cursor: Any,
-        table: str,
-        columns: Sequence[str],
-        rows: Sequence[tuple[Any, ...]],
-        meanwhile: Callable[[], None] | None = None,
+        self, cursor: Any, table: str, columns: Sequence[str], rows: Sequence[tuple[Any, ...]]
     ) -> None:
         step = max(1, min(self.rows_per_statement, 30_000 // len(columns)))
         flatten = itertools.chain.from_iterable
         for i in range(0, len(rows), step):
             chunk = rows[i : i + step]
             cursor.execute(self._insert_sql(table, columns, len(chunk)), list(flatten(chunk)))
-        if meanwhile is not None:
-            meanwhile()  # SQLite works in this process: nothing runs in parallel
 
     def upsert_accounts(self, cursor: Any, rows: Sequence[tuple[str, str, int, int]]) -> None:
         suffix = (
@@ -356,37 +419,65 @@ class _SqliteBackend(_Backend):
 
 class _PostgresBackend(_Backend):
     placeholder = "%s"
+    # PostgreSQL inserts in its own process while this one builds and hashes the next rows.
+    run_ahead = False
 
     def lock(self, conn: Connection) -> None:
         # One writer at a time per ledger (schema); readers are not blocked.
         conn.exec_driver_sql("LOCK TABLE chain IN SHARE ROW EXCLUSIVE MODE")
 
+    def write(self, cursor: Any, items: Iterator[BatchItem]) -> _Written:
+        # The transfers go first: their COPY is under way while each chunk is hashed. The chain's rows
+        # are held until it ends (one COPY at a time), and the batch's remaining work (totals,
+        # signature) runs while the server inserts them.
+        held: list[list[tuple[Any, ...]]] = []
+        with cursor.copy(f"COPY transfers ({','.join(TRANSFER_COLUMNS)}) FROM STDIN") as copy:
+            write = copy.write_row
+            for kind, payload in items:
+                if kind == "transfers":
+                    for row in payload:
+                        write(row)
+                elif kind == "chain":
+                    held.append(payload)
+                elif kind == "end":
+                    break
+        with cursor.copy(f"COPY chain ({','.join(CHAIN_COLUMNS)}) FROM STDIN") as copy:
+            write = copy.write_row
+            for rows in held:
+                for row in rows:
+                    write(row)
+            for kind, payload in items:
+                if kind == "done":
+                    written: _Written = payload
+                    return written
+        raise AssertionError("the batch ended without its final item")
+
     def insert_rows(
-        self,
-        cursor: Any,
-        table: str,
-        columns: Sequence[str],
-        rows: Sequence[tuple[Any, ...]],
-        meanwhile: Callable[[], None] | None = None,
+        self, cursor: Any, table: str, columns: Sequence[str], rows: Sequence[tuple[Any, ...]]
     ) -> None:
         with cursor.copy(f"COPY {table} ({','.join(columns)}) FROM STDIN") as copy:
             write = copy.write_row
             for row in rows:
                 write(row)
-            if meanwhile is not None:
-                # The rows are on their way (sent in 32 KiB blocks) and the server inserts them while
-                # this runs; leaving the block sends the rest and waits for the server.
-                meanwhile()
 
     def upsert_accounts(self, cursor: Any, rows: Sequence[tuple[str, str, int, int]]) -> None:
         # One statement over arrays: a thousand-row VALUES list costs the server twice as much to plan.
-        ids, kinds, debits, credits = (list(column) for column in zip(*rows, strict=True))
+        # The arrays travel as array literals built here: psycopg's list adapter quotes element by
+        # element in Python, which cost more than the rest of the batch's statements together. No
+        # account id or kind can hold a character that needs quoting in an array literal.
+        ids, kinds, debits, credits = zip(*rows, strict=True)
+        join = ",".join
         cursor.execute(
             "INSERT INTO accounts (account_id, kind, debits_nano, credits_nano) "
             "SELECT * FROM unnest(%s::text[], %s::text[], %s::bigint[], %s::bigint[]) "
             "ON CONFLICT (account_id) DO UPDATE SET "
             "debits_nano = excluded.debits_nano, credits_nano = excluded.credits_nano",
-            (ids, kinds, debits, credits),
+            (
+                f"{{{join(ids)}}}",
+                f"{{{join(kinds)}}}",
+                f"{{{join(map(str, debits))}}}",
+                f"{{{join(map(str, credits))}}}",
+            ),
         )
 
     def all_totals(self, cursor: Any) -> list[tuple[int, int]]:
@@ -425,6 +516,48 @@ def _insert_for(conn: Connection, table: Table) -> Any:
 
 def _raw_cursor(conn: Connection) -> Any:
     return conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+
+
+_T = TypeVar("_T")
+
+
+def _run_ahead(items: Iterator[_T]) -> Iterator[_T]:
+    """Iterate `items` in a helper thread and hand each one over as soon as it is made.
+
+    For SQLite, which inserts in this process but releases the GIL while it
+    works: the helper builds and hashes the next chunk while this thread's
+    INSERT runs. After each item the helper yields the GIL (`sleep(0)`), so
+    that the inserting thread gets it back at once instead of after the
+    interpreter's switch interval. An exception in the helper is raised here;
+    if this side stops early, the helper stops after its current item.
+    """
+    handed: queue.SimpleQueue[tuple[bool, Any]] = queue.SimpleQueue()
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                handed.put((True, item))
+                if stop.is_set():
+                    break
+                time.sleep(0)
+            handed.put((False, None))
+        except BaseException as error:  # handed to the consuming thread, which raises it
+            handed.put((False, error))
+
+    helper = threading.Thread(target=produce, name="ledger-batch", daemon=True)
+    helper.start()
+    try:
+        while True:
+            more, item = handed.get()
+            if not more:
+                if item is not None:
+                    raise item
+                return
+            yield item
+    finally:
+        stop.set()
+        helper.join()
 
 
 # --------------------------------------------------------------------------- the store
@@ -603,82 +736,88 @@ class LedgerStore:
                 seqs.append(stored[r.transfer_id][0])
         if not plan.appended:
             return BatchOutcome(plan.results, tuple(seqs), 0, None)
-        checkpoint = self._write(conn, state, plan.appended, plan.totals)
+        checkpoint = self._write(conn, state, [plan.appended], plan.totals)
         return BatchOutcome(plan.results, tuple(seqs), len(plan.appended), checkpoint)
 
     def _append_new_group(
-        self, conn: Connection, transfers: Sequence[Transfer]
+        self,
+        conn: Connection,
+        chunks: Iterable[Sequence[Transfer]],
+        whole: Callable[[], Sequence[Transfer]],
+        meanwhile: Callable[[], None] | None = None,
     ) -> tuple[int, Checkpoint | None]:
-        """The settlement's path for one linked group of new transfers; falls back to the careful path."""
-        if not transfers:
+        """The settlement's path for one linked group of new transfers, given in order a chunk at a time.
+
+        `whole()` gives the same transfers as one list, for the careful path
+        should an id be taken after all; `meanwhile` runs once the transfers
+        are on their way to the database.
+        """
+        stream = iter(chunks)
+        first = next(stream, None)
+        if not first:
+            if meanwhile is not None:
+                meanwhile()
             return 0, None
         self._backend.lock(conn)
         state = self._state_for(conn)
-        try:
-            totals, _new_accounts = plan_new_group(transfers, state.totals)
-        except TransferError as e:
-            raise SettlementError(str(e)) from e
         # The ids of a settlement revision are new by construction; should one be taken after all,
-        # undo to the savepoint and let the careful path look every id up.
+        # undo to the savepoint and let the careful path look every id up. Any other failure undoes
+        # the batch too, so that a caller's transaction never keeps part of one.
         savepoint = conn.begin_nested()
         try:
-            checkpoint = self._write(conn, state, transfers, totals)
+            checkpoint = self._write(conn, state, itertools.chain([first], stream), None, meanwhile)
         except self._integrity_errors:
             savepoint.rollback()
             self._state = None
-            outcome = self._append(conn, transfers, checked=True)
+            outcome = self._append(conn, whole(), checked=True)
             if outcome.rejected:
                 raise SettlementError(outcome.rejected[0].reason) from None
+            if meanwhile is not None:
+                meanwhile()
             return outcome.appended, outcome.checkpoint
+        except TransferError as e:
+            savepoint.rollback()
+            self._state = None
+            raise SettlementError(str(e)) from e
+        except BaseException:
+            if savepoint.is_active:
+                savepoint.rollback()
+            self._state = None
+            raise
         savepoint.commit()
-        return len(transfers), checkpoint
+        return checkpoint.tree_size - state.seq, checkpoint
 
     def _write(
         self,
         conn: Connection,
         state: _State,
-        appended: Sequence[Transfer],
-        touched: Mapping[str, AccountTotals],
+        chunks: Iterable[Sequence[Transfer]],
+        touched: Mapping[str, AccountTotals] | None,
+        meanwhile: Callable[[], None] | None = None,
     ) -> Checkpoint:
-        """Append planned transfers after `state`: rows, chain, nodes, totals, balance check, checkpoint.
+        """Append transfers after `state`: rows, chain, nodes, totals, balance check, checkpoint.
 
-        The transfers' rows do not depend on any hash, so they go first; on
-        PostgreSQL the server inserts them while this process hashes the batch
-        and, during the chain's COPY, signs the checkpoint.
+        The Python work of the batch (rows, hashes, Merkle nodes, and the new
+        totals unless `touched` gives them, then the signature and
+        `meanwhile`) is a generator of rows to insert, `_batch_items`; the
+        backend inserts each chunk as it comes, so the database stores one
+        chunk while the next is hashed: PostgreSQL in its own process, SQLite in
+        this one with the generator running ahead in a helper thread.
         """
-        first_seq = state.seq + 1
-        frontier = state.frontier.copy()
-        transfer_rows = [(first_seq + i, *t) for i, t in enumerate(appended)]
+        if self.signing_key is None:
+            raise LedgerError("this store has no signing key: it can read and verify, not write")
         backend = self._backend
         cursor = _raw_cursor(conn)
-        hashed: list[HashedBatch] = []
-        backend.insert_rows(
-            cursor,
-            "transfers",
-            TRANSFER_COLUMNS,
-            transfer_rows,
-            meanwhile=lambda: hashed.append(
-                hash_batch(appended, first_seq, state.head, frontier, NODE_MIN_LEVEL)
-            ),
-        )
-        chain_head = hashed[0].chain_head
-        signed: list[Checkpoint] = []
-        backend.insert_rows(
-            cursor,
-            "chain",
-            CHAIN_COLUMNS,
-            hashed[0].chain_rows,
-            meanwhile=lambda: signed.append(self._sign(state.checkpoint, frontier, chain_head)),
-        )
-        if hashed[0].completed_nodes:
-            backend.insert_rows(
-                cursor, "merkle_nodes", ("level", "node_index", "hash"), hashed[0].completed_nodes
-            )
+        items = self._batch_items(state, chunks, touched, meanwhile)
+        written = backend.write(cursor, _run_ahead(items) if backend.run_ahead else items)
+        if written.completed:
+            backend.insert_rows(cursor, "merkle_nodes", ("level", "node_index", "hash"), written.completed)
         backend.upsert_accounts(
-            cursor, [(a, a.split(":", 1)[0], t.debits_nano, t.credits_nano) for a, t in touched.items()]
+            cursor,
+            [(a, a.split(":", 1)[0], t.debits_nano, t.credits_nano) for a, t in written.totals.items()],
         )
-        check_balance_sum(backend.all_totals(cursor), where=f"after the batch ending at seq {frontier.size}")
-        checkpoint = signed[0]
+        check_balance_sum(backend.all_totals(cursor), where=f"after the batch ending at seq {written.seq}")
+        checkpoint = written.checkpoint
         conn.execute(
             checkpoints_table.insert().values(
                 tree_size=checkpoint.tree_size,
@@ -689,15 +828,54 @@ class LedgerStore:
                 previous_hash=checkpoint.previous_hash,
                 public_key=checkpoint.public_key,
                 signature=checkpoint.signature,
-                frontier=frontier.to_bytes(),
+                frontier=written.frontier.to_bytes(),
             )
         )
         totals = dict(state.totals)
-        totals.update(touched)
+        totals.update(written.totals)
         self._state = _State(
-            seq=frontier.size, head=chain_head, frontier=frontier, totals=totals, checkpoint=checkpoint
+            seq=written.seq,
+            head=written.head,
+            frontier=written.frontier,
+            totals=totals,
+            checkpoint=checkpoint,
         )
         return checkpoint
+
+    def _batch_items(
+        self,
+        state: _State,
+        chunks: Iterable[Sequence[Transfer]],
+        touched: Mapping[str, AccountTotals] | None,
+        meanwhile: Callable[[], None] | None,
+    ) -> Iterator[BatchItem]:
+        """The rows of a batch, chunk by chunk, then its outcome (see BatchItem)."""
+        backend = self._backend
+        seq = state.seq
+        head = state.head
+        frontier = state.frontier.copy()
+        completed: list[tuple[int, int, bytes]] = []
+        sums = GroupTotals() if touched is None else None
+        size = CHUNK_TRANSFERS
+        for given in chunks:
+            for start in range(0, len(given), size):
+                chunk = given[start : start + size] if len(given) > size else given
+                yield "transfers", backend.transfer_rows(seq + 1, chunk)
+                hashed = hash_batch(chunk, seq + 1, head, frontier, NODE_MIN_LEVEL)
+                yield "chain", backend.chain_rows(hashed.chain_rows)
+                head = hashed.chain_head
+                completed.extend(hashed.completed_nodes)
+                if sums is not None:
+                    sums.add(chunk)
+                seq += len(chunk)
+        yield "end", None
+        if sums is not None:
+            touched = sums.new_totals(state.totals)[0]
+        assert touched is not None
+        checkpoint = self._sign(state.checkpoint, frontier, head)
+        if meanwhile is not None:
+            meanwhile()
+        yield "done", _Written(seq, head, frontier, completed, touched, checkpoint)
 
     def _sign(self, previous: Checkpoint | None, frontier: MerkleFrontier, chain_head: bytes) -> Checkpoint:
         if self.signing_key is None:
@@ -747,7 +925,6 @@ class LedgerStore:
         """Settle `inputs`; with `restaged`, they hold all meter data held for the interval (see
         `plan_restaged_settlement`), else only what was delivered now (merged into the settled data)."""
         clearing = inputs.clearing
-        digest = clearing.digest()
         self._backend.lock(conn)
         s = settled_intervals_table.c
         latest = conn.execute(
@@ -757,10 +934,26 @@ class LedgerStore:
             .limit(1)
         ).first()
         rules_json = rules.to_json()
-        plan: SettlementPlan | None
+        digests: list[str] = []
+        chunks: Iterable[Sequence[Transfer]]
+        whole: Callable[[], Sequence[Transfer]]
+        meanwhile: Callable[[], None] | None = None
         if latest is None:
-            plan = plan_first_settlement(inputs, rules)
+            revision = 0
+            meter_state = initial_meter_state(clearing, inputs.meter_energy, rules)
+            estimated = estimated_participants(meter_state)
+            chunks = first_settlement_chunks(clearing, meter_state, rules)
+
+            def whole() -> list[Transfer]:
+                return first_settlement_transfers(clearing, meter_state, rules)
+
+            def meanwhile() -> None:
+                # Only stored with the revision: computed while the transfers are inserted.
+                digests.append(clearing.digest())
+
         else:
+            digest = clearing.digest()
+            digests.append(digest)
             if latest.clearing_digest != digest:
                 raise SettlementConflictError(
                     f"interval {clearing.interval_start_s} of market {clearing.market_id!r} was settled from "
@@ -794,7 +987,13 @@ class LedgerStore:
                     checkpoint=None,
                     interval_s=clearing.interval_s,
                 )
-        appended, checkpoint = self._append_new_group(conn, plan.transfers)
+            revision = plan.revision
+            meter_state = plan.meter_state
+            estimated = plan.estimated_participants
+            chunks = [plan.transfers]
+            whole = functools.partial(list, plan.transfers)
+        appended, checkpoint = self._append_new_group(conn, chunks, whole, meanwhile)
+        digest = digests[0] if digests else clearing.digest()
         state = self._state_for(conn) if appended == 0 else self._state
         assert state is not None
         first_seq = state.seq - appended + 1 if appended else 0
@@ -803,12 +1002,12 @@ class LedgerStore:
             settled_intervals_table.insert().values(
                 market_id=clearing.market_id,
                 interval_start_s=clearing.interval_start_s,
-                revision=plan.revision,
+                revision=revision,
                 interval_s=clearing.interval_s,
                 clearing_digest=digest,
                 rules_json=rules_json,
-                meter_json=meter_state_to_json(plan.meter_state),
-                estimated_count=len(plan.estimated_participants),
+                meter_json=meter_state_to_json(meter_state),
+                estimated_count=len(estimated),
                 first_seq=first_seq,
                 transfer_count=appended,
                 tree_size=state.seq,
@@ -818,12 +1017,12 @@ class LedgerStore:
         return SettlementOutcome(
             market_id=clearing.market_id,
             interval_start_s=clearing.interval_start_s,
-            revision=plan.revision,
-            status=SettlementStatus.SETTLED if plan.revision == 0 else SettlementStatus.CORRECTED,
+            revision=revision,
+            status=SettlementStatus.SETTLED if revision == 0 else SettlementStatus.CORRECTED,
             transfer_count=appended,
             first_seq=first_seq,
             tree_size=state.seq,
-            estimated_participants=plan.estimated_participants,
+            estimated_participants=estimated,
             checkpoint=checkpoint,
             interval_s=clearing.interval_s,
         )

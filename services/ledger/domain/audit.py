@@ -22,7 +22,6 @@ the same as if one process had hashed everything.
 
 from __future__ import annotations
 
-import hashlib
 from array import array
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from typing import Any
 
 from services.ledger.domain.chain import ENTRY_PREFIX, GENESIS_HASH, parse_entry
 from services.ledger.domain.checkpoint import NO_PREVIOUS, Checkpoint, CheckpointError, verify_checkpoint
+from services.ledger.domain.hashing import sha256
 from services.ledger.domain.ledger import (
     AccountError,
     LedgerError,
@@ -123,7 +123,7 @@ class RangeAuditor:
             self._failure = (self._seq + 1, str(e))
 
     def _feed(self, transfer_rows: Sequence[TransferRow], chain_rows: Sequence[ChainRow]) -> None:
-        sha = hashlib.sha256
+        sha = sha256
         prefix = ENTRY_PREFIX
         seq = self._seq
         head = self._head

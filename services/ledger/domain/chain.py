@@ -20,11 +20,11 @@ The leaf at index n − 1 of the ledger's Merkle tree is entry(n).
 
 from __future__ import annotations
 
-import hashlib
 import re
 from collections.abc import Sequence
 from typing import NamedTuple
 
+from services.ledger.domain.hashing import sha256
 from services.ledger.domain.ledger import (
     ACCOUNT_ID_PATTERN,
     CODE_PATTERN,
@@ -39,7 +39,7 @@ from services.ledger.domain.merkle import MerkleFrontier
 ENTRY_PREFIX = "p2pgrid-transfer-v1"
 GENESIS_HASH = bytes(32)
 
-_sha256 = hashlib.sha256
+_sha256 = sha256
 
 _DECIMAL = r"(?:0|[1-9][0-9]{0,18})"
 _ENTRY_RE = re.compile(

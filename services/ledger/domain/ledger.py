@@ -358,6 +358,51 @@ def plan_batch(
     )
 
 
+class GroupTotals:
+    """What a linked group of trusted, new transfers debits and credits per account, added up chunk by chunk."""
+
+    __slots__ = ("credited", "debited")
+
+    def __init__(self) -> None:
+        self.debited: dict[str, int] = {}
+        self.credited: dict[str, int] = {}
+
+    def add(self, transfers: Iterable[Transfer]) -> None:
+        debited = self.debited
+        credited = self.credited
+        debited_get = debited.get
+        credited_get = credited.get
+        for t in transfers:
+            debit = t[1]
+            credit = t[2]
+            amount = t[3]
+            debited[debit] = debited_get(debit, 0) + amount
+            credited[credit] = credited_get(credit, 0) + amount
+
+    def new_totals(
+        self, totals: Mapping[str, AccountTotals]
+    ) -> tuple[dict[str, AccountTotals], tuple[str, ...]]:
+        """New totals of the accounts the group touches, and which of them are new (see `plan_new_group`)."""
+        debited = self.debited
+        credited = self.credited
+        new_totals: dict[str, AccountTotals] = {}
+        new_accounts: list[str] = []
+        zero = AccountTotals()
+        for account in dict.fromkeys(itertools.chain(debited, credited)):
+            base = totals.get(account)
+            if base is None:
+                new_accounts.append(account)
+                base = zero
+            debits = base.debits_nano + debited.get(account, 0)
+            credits = base.credits_nano + credited.get(account, 0)
+            if debits > MAX_AMOUNT_NANO or credits > MAX_AMOUNT_NANO:
+                raise TransferError(
+                    f"totals of {account} would exceed {MAX_AMOUNT_NANO} nano; the group is rejected"
+                )
+            new_totals[account] = AccountTotals(debits, credits)
+        return new_totals, tuple(new_accounts)
+
+
 def plan_new_group(
     transfers: Sequence[Transfer], totals: Mapping[str, AccountTotals]
 ) -> tuple[dict[str, AccountTotals], tuple[str, ...]]:
@@ -369,27 +414,9 @@ def plan_new_group(
     Raises TransferError if an account would overflow: the group is then
     rejected as a whole.
     """
-    debited: dict[str, int] = {}
-    credited: dict[str, int] = {}
-    for t in transfers:
-        debited[t[1]] = debited.get(t[1], 0) + t[3]
-        credited[t[2]] = credited.get(t[2], 0) + t[3]
-    new_totals: dict[str, AccountTotals] = {}
-    new_accounts: list[str] = []
-    zero = AccountTotals()
-    for account in dict.fromkeys(itertools.chain(debited, credited)):
-        base = totals.get(account)
-        if base is None:
-            new_accounts.append(account)
-            base = zero
-        debits = base.debits_nano + debited.get(account, 0)
-        credits = base.credits_nano + credited.get(account, 0)
-        if debits > MAX_AMOUNT_NANO or credits > MAX_AMOUNT_NANO:
-            raise TransferError(
-                f"totals of {account} would exceed {MAX_AMOUNT_NANO} nano; the group is rejected"
-            )
-        new_totals[account] = AccountTotals(debits, credits)
-    return new_totals, tuple(new_accounts)
+    group = GroupTotals()
+    group.add(transfers)
+    return group.new_totals(totals)
 
 
 def check_balance_sum(totals: Iterable[tuple[int, int]], *, where: str) -> None:

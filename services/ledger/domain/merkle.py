@@ -24,10 +24,12 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Sequence
 
+from services.ledger.domain.hashing import sha256
+
 HASH_SIZE = 32
 EMPTY_ROOT = hashlib.sha256(b"").digest()
 
-_sha256 = hashlib.sha256
+_sha256 = sha256
 
 
 class ProofError(ValueError):
@@ -91,24 +93,37 @@ class MerkleFrontier:
     def extend(
         self, leaves: Sequence[bytes], min_level: int, completed: list[tuple[int, int, bytes]]
     ) -> None:
-        """Append many leaf hashes (the loop of `append`, inlined because it runs once per transfer)."""
-        size = self.size
-        hashes = self.hashes
-        pop = hashes.pop
-        push = hashes.append
+        """Append many leaf hashes, the same as `append` for each, one tree level at a time.
+
+        At each level the new nodes (preceded by the frontier's node of that
+        level when they start at an odd index) are hashed in pairs into the
+        next level; an unpaired last node becomes the frontier's node of its
+        level. Hashing a whole level in one loop costs less than walking up
+        from every leaf. The subtrees completed at levels ≥ min_level are
+        reported level by level.
+        """
         sha = _sha256
-        for h in leaves:
-            s = size
-            level = 0
-            while s & 1:
-                h = sha(b"\x01" + pop() + h).digest()
-                level += 1
-                s >>= 1
-                if level >= min_level:
-                    completed.append((level, ((size + 1) >> level) - 1, h))
-            push(h)
-            size += 1
-        self.size = size
+        hashes = self.hashes
+        current = list(leaves)
+        index = self.size  # of current[0] within its level
+        level = 0
+        unpaired: list[bytes] = []  # the new frontier nodes, lowest level first
+        while current:
+            if index & 1:
+                current.insert(0, hashes.pop())
+                index -= 1
+            count = len(current)
+            if count & 1:
+                unpaired.append(current[-1])
+            parents = [sha(b"\x01" + current[i] + current[i + 1]).digest() for i in range(0, count - 1, 2)]
+            level += 1
+            index >>= 1
+            if level >= min_level:
+                completed.extend((level, index + i, h) for i, h in enumerate(parents))
+            current = parents
+        unpaired.reverse()
+        hashes.extend(unpaired)
+        self.size += len(leaves)
 
     def root(self) -> bytes:
         hashes = self.hashes

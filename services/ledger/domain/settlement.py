@@ -39,7 +39,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from enum import IntEnum, StrEnum
 from typing import Any, NamedTuple
@@ -47,6 +47,7 @@ from typing import Any, NamedTuple
 import yaml
 
 from services.domain.intervals import DEFAULT_INTERVAL_S, Interval
+from services.ledger.domain.hashing import sha256
 from services.ledger.domain.ledger import (
     ACCOUNT_NAME_PATTERN,
     FLAG_CORRECTION,
@@ -711,14 +712,14 @@ def transfer_id_for(market_id: str, interval_start_s: int, revision: int, key: S
     interval sort together and index inserts stay local.
     """
     text = "|".join((market_id, str(interval_start_s), str(revision), *key[1:]))
-    return f"{interval_start_s}.{hashlib.sha256(text.encode()).hexdigest()[:30]}.{CODE_TAGS[key[0]]}"
+    return f"{interval_start_s}.{sha256(text.encode()).hexdigest()[:30]}.{CODE_TAGS[key[0]]}"
 
 
 def legs_to_transfers(
     legs: Mapping[tuple[str, ...], Leg], market_id: str, interval_start_s: int, revision: int
 ) -> list[Transfer]:
     """The transfers that book `legs`, sorted by id and all linked into one group (all or nothing)."""
-    sha = hashlib.sha256
+    sha = sha256
     prefix = f"{market_id}|{interval_start_s}|{revision}|"
     id_prefix = f"{interval_start_s}."
     base_flags = FLAG_CORRECTION if revision else 0
@@ -771,14 +772,161 @@ class SettlementPlan:
     estimated_participants: tuple[str, ...]
 
 
+FIRST_CHUNK_TRANSFERS = 256
+"""Transfers per chunk of `first_settlement_chunks`."""
+
+
+def first_settlement_chunks(
+    clearing: ClearingResult,
+    state: MeterState,
+    rules: SettlementRules,
+    chunk_transfers: int = FIRST_CHUNK_TRANSFERS,
+) -> Iterator[list[Transfer]]:
+    """The transfers of revision 0 in order, in chunks of about `chunk_transfers` (a trade's legs stay
+    together): the same as `legs_to_transfers(settlement_legs(...), …, 0)`.
+
+    A first settlement books every leg as it is, so the legs need not be kept
+    by key for a later comparison. The ids sort by the digest of the legs'
+    parties, so the order is known once each trade's parties (and each
+    deviating participant) are hashed and those digests sorted; the transfers
+    themselves are then built chunk by chunk, and a writer can store the first
+    chunk while the next ones are built. The result is the same list (a unit
+    test compares them); should two digests ever coincide, the list is built
+    whole and sorted instead.
+    """
+    market_id = clearing.market_id
+    start_s = clearing.interval_start_s
+    prices = clearing.node_prices_micro_per_kwh
+    utility = rules.utility_account
+    utility_pid = rules.utility_participant_id
+    sha = sha256
+    prefix = f"{market_id}|{start_s}|0|"
+
+    energy: dict[tuple[str, str, str, str], int] = {}
+    get = energy.get
+    for t in clearing.trades:
+        k = (t.buyer_id, t.buyer_node, t.seller_id, t.seller_node)
+        energy[k] = get(k, 0) + t.energy_wh
+    # What each id digest stands for, (digest, kind, parties, amount): kind 0 a trade (its key and
+    # energy), 1 the congestion rent, 2 a deviation (the participant and the amount it owes).
+    order: list[tuple[str, int, Any, int]] = [
+        (sha(f"{prefix}{b}|{bn}|{s}|{sn}".encode()).hexdigest()[:30], 0, k, e)
+        for k, e in energy.items()
+        for b, bn, s, sn in (k,)
+    ]
+    rent = sum(e * (prices[bn] - prices[sn]) for (_b, bn, _s, sn), e in energy.items() if bn != sn)
+    if rent:
+        order.append((sha(prefix.encode()).hexdigest()[:30], 1, None, rent))
+    contracted = {a.participant_id: a.bought_wh - a.sold_wh for a in clearing.accepted}
+    retail = rules.retail_tariff_micro_per_kwh
+    feed_in = rules.feed_in_tariff_micro_per_kwh
+    for participant, (import_wh, export_wh, _quality) in state.items():
+        if participant == utility_pid:
+            continue
+        deviation_wh = (import_wh - export_wh) - contracted.get(participant, 0)
+        amount = deviation_wh * (retail if deviation_wh > 0 else feed_in)
+        if amount:
+            order.append((sha((prefix + participant).encode()).hexdigest()[:30], 2, participant, amount))
+    order.sort(key=_first)
+    if len(set(map(_first, order))) != len(order):
+        whole = legs_to_transfers(settlement_legs(clearing, state, rules), market_id, start_s, 0)
+        for i in range(0, len(whole), chunk_transfers):
+            yield whole[i : i + chunk_transfers]
+        return
+
+    market = account_id(AccountKind.MARKET, market_id)
+    grid = rules.grid_operator_account
+    fee_by_buyer = rules.grid_fee_payer is FeePayer.BUYER
+    id_prefix = f"{start_s}."
+    limit = MAX_AMOUNT_NANO
+    new = _new_tuple
+    measured = MeterQuality.MEASURED
+    accounts: dict[str, str] = {}
+    fee_rates: dict[tuple[str, str], int] = {}
+    group = ""
+    chunk: list[Transfer] = []
+    add = chunk.append
+
+    def account_of(participant: str) -> str:
+        found = accounts.get(participant)
+        if found is None:
+            found = accounts[participant] = (
+                utility if participant == utility_pid else f"participant:{participant}"
+            )
+        return found
+
+    def leg(tid: str, payer: str, payee: str, amount: int, code: str, flags: int) -> None:
+        """Book a leg whatever its amount (the common case is inlined below, once `group` is known)."""
+        nonlocal group
+        if not amount:
+            return
+        if amount < 0:
+            payer, payee, amount = payee, payer, -amount
+        if amount > limit:
+            raise SettlementInputError(f"leg {code} {tid}: amount {amount} nano exceeds one transfer's limit")
+        if not group:
+            group = tid
+        add(new(Transfer, (tid, payer, payee, amount, code, start_s, group, flags)))
+
+    for digest, kind, parties, amount in order:
+        tid = f"{id_prefix}{digest}."
+        if kind == 0:
+            buyer, buyer_node, seller, seller_node = parties
+            buyer_account = accounts.get(buyer) or account_of(buyer)
+            seller_account = accounts.get(seller) or account_of(seller)
+            # The legs of a trade in the order of their tags: gf, tp, ts.
+            fee_account = buyer_account if fee_by_buyer else seller_account
+            if fee_account != utility:
+                rate = fee_rates.get((buyer_node, seller_node))
+                if rate is None:
+                    rate = fee_rates[(buyer_node, seller_node)] = rules.grid_fee_for(buyer_node, seller_node)
+                leg(tid + "gf", fee_account, grid, amount * rate, CODE_GRID_FEE, 0)
+            purchase = amount * prices[buyer_node]
+            if group and 0 < purchase <= limit:
+                add(
+                    new(
+                        Transfer,
+                        (tid + "tp", buyer_account, market, purchase, CODE_PURCHASE, start_s, group, 0),
+                    )
+                )
+            else:
+                leg(tid + "tp", buyer_account, market, purchase, CODE_PURCHASE, 0)
+            sale = amount * prices[seller_node]
+            if group and 0 < sale <= limit:
+                add(new(Transfer, (tid + "ts", market, seller_account, sale, CODE_SALE, start_s, group, 0)))
+            else:
+                leg(tid + "ts", market, seller_account, sale, CODE_SALE, 0)
+        elif kind == 1:
+            leg(tid + "cr", market, grid, amount, CODE_CONGESTION_RENT, 0)
+        else:
+            flags = 0 if state[parties][2] is measured else FLAG_ESTIMATED
+            leg(tid + "dv", account_of(parties), utility, amount, CODE_DEVIATION, flags)
+        if len(chunk) >= chunk_transfers:
+            yield chunk
+            chunk = []
+            add = chunk.append
+    if chunk:
+        yield chunk
+
+
+def _first(item: tuple[Any, ...]) -> Any:
+    return item[0]
+
+
+def first_settlement_transfers(
+    clearing: ClearingResult, state: MeterState, rules: SettlementRules
+) -> list[Transfer]:
+    """The transfers of revision 0 as one list (see `first_settlement_chunks`)."""
+    return [t for chunk in first_settlement_chunks(clearing, state, rules) for t in chunk]
+
+
 def plan_first_settlement(inputs: SettlementInputs, rules: SettlementRules) -> SettlementPlan:
     state = initial_meter_state(inputs.clearing, inputs.meter_energy, rules)
-    legs = settlement_legs(inputs.clearing, state, rules)
     return SettlementPlan(
         revision=0,
-        transfers=legs_to_transfers(legs, inputs.market_id, inputs.interval_start_s, 0),
+        transfers=first_settlement_transfers(inputs.clearing, state, rules),
         meter_state=state,
-        estimated_participants=_estimated(state),
+        estimated_participants=estimated_participants(state),
     )
 
 
@@ -798,7 +946,7 @@ def plan_resettlement(
             correction_legs(old_legs, new_legs), inputs.market_id, inputs.interval_start_s, revision
         ),
         meter_state=state,
-        estimated_participants=_estimated(state),
+        estimated_participants=estimated_participants(state),
     )
 
 
@@ -827,11 +975,12 @@ def plan_restaged_settlement(
             correction_legs(old_legs, new_legs), inputs.market_id, inputs.interval_start_s, revision
         ),
         meter_state=state,
-        estimated_participants=_estimated(state),
+        estimated_participants=estimated_participants(state),
     )
 
 
-def _estimated(state: MeterState) -> tuple[str, ...]:
+def estimated_participants(state: MeterState) -> tuple[str, ...]:
+    """The participants whose meter data in `state` is not measured, sorted."""
     return tuple(sorted(p for p, (_i, _e, q) in state.items() if q is not MeterQuality.MEASURED))
 
 

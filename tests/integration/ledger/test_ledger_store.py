@@ -14,6 +14,7 @@ from sqlalchemy import func, select, text
 from services.domain.intervals import SimulatedClock
 from services.ledger.adapters.sql import (
     LedgerStore,
+    SettlementError,
     SettlementNotDueError,
     checkpoints_table,
     transfers_table,
@@ -21,6 +22,7 @@ from services.ledger.adapters.sql import (
 from services.ledger.domain.ledger import (
     FLAG_CORRECTION,
     FLAG_ESTIMATED,
+    MAX_AMOUNT_NANO,
     BalanceInvariantError,
     Status,
     Transfer,
@@ -139,6 +141,33 @@ def test_settlement_runs_in_the_callers_transaction_with_the_inbox_row(
     with store.transaction() as conn:
         assert not record_in_inbox(conn, "ledger-settlement", "event-2")
     store.verify(trusted_public_key=store.public_key)
+
+
+def test_a_settlement_refused_part_way_leaves_nothing_in_the_callers_transaction(
+    store: LedgerStore, day: SyntheticDay
+) -> None:
+    migrate_platform_tables(store.engine)
+    store.settle_interval(inputs(day, 0), rules(day))
+    # The first buyer of interval 1 is debited almost to the limit: its purchase in interval 1 would
+    # overflow its debits, which is found only once the interval's transfers are on their way.
+    buyer = f"participant:{inputs(day, 1).clearing.trades[0].buyer_id}"
+    room = MAX_AMOUNT_NANO - store.balance(buyer).debits_nano
+    outcome = store.apply_transfers([Transfer("near-limit", buyer, "utility:reserve", room - 1, "manual")])
+    assert outcome.appended == 1
+    before = {table: count(store, table) for table in APPEND_ONLY}
+    with store.transaction() as conn:
+        assert record_in_inbox(conn, "ledger-settlement", "event-1")
+        with pytest.raises(SettlementError, match="would exceed"):
+            store.settle_interval(inputs(day, 1), rules(day), connection=conn)
+    assert {table: count(store, table) for table in APPEND_ONLY} == before
+    with store.engine.connect() as conn:
+        assert {r[0] for r in conn.execute(select(inbox_table.c.event_id))} == {"event-1"}
+    store.verify(trusted_public_key=store.public_key)
+    # The store's memory of the chain followed the rollback: the next batch appends where it should.
+    assert store.apply_transfers(
+        [Transfer("next", "utility:default", "grid_operator:default", 5, "manual")]
+    ).appended
+    assert store.verify(trusted_public_key=store.public_key).transfers == before["transfers"] + 1
 
 
 def test_late_measured_data_is_booked_as_flagged_corrections(store: LedgerStore, day: SyntheticDay) -> None:

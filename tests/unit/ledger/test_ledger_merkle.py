@@ -130,6 +130,26 @@ def test_extend_reports_exactly_the_completed_perfect_subtrees_at_the_stored_lev
         assert h == ref_mth(leaves[index << level : (index + 1) << level])
 
 
+def test_extending_by_batches_of_any_size_equals_appending_leaf_by_leaf() -> None:
+    leaves = [leaf_hash(e) for e in entries(700)]
+    one_by_one = MerkleFrontier()
+    expected: list[tuple[int, int, bytes]] = []
+    for h in leaves:
+        one_by_one.append(h, 2, expected)
+    for sizes in ([1] * 5 + [2, 3, 7, 64, 65, 128, 255, 171], [700], [0, 699, 1, 0], [333, 367]):
+        batched = MerkleFrontier()
+        completed: list[tuple[int, int, bytes]] = []
+        start = 0
+        for size in sizes:
+            batched.extend(leaves[start : start + size], 2, completed)
+            start += size
+            assert batched.size == start
+            assert batched.root() == ref_mth(entries(700)[:start])
+        assert start == 700
+        assert batched.hashes == one_by_one.hashes
+        assert sorted(completed) == sorted(expected)
+
+
 def test_a_frontier_survives_serialisation_and_refuses_a_wrong_length() -> None:
     frontier = MerkleFrontier()
     frontier.extend([leaf_hash(e) for e in entries(77)], 64, [])

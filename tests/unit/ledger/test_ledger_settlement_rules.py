@@ -19,10 +19,14 @@ from services.ledger.domain.settlement import (
     SettlementInputs,
     SettlementRules,
     Trade,
+    first_settlement_chunks,
+    initial_meter_state,
+    legs_to_transfers,
     merge_meter_state,
     plan_first_settlement,
     plan_resettlement,
     settlement_due_s,
+    settlement_legs,
     validate_inputs,
 )
 
@@ -253,3 +257,58 @@ def test_the_recorded_form_round_trips_and_the_digest_ignores_row_order() -> Non
     assert clearing([Trade("alice", "n2", "bob", "n1", 1001)]).digest() != inputs.clearing.digest()
     with pytest.raises(SettlementInputError, match="recorded"):
         SettlementInputs.from_json({"market_id": "demo"})
+
+
+def random_interval(rng: random.Random) -> tuple[ClearingResult, tuple[MeterEnergy, ...], SettlementRules]:
+    """An interval with the awkward cases: zero and negative prices, zero tariffs and fees, fees paid by
+    sellers, the utility on either side, trades of one participant between two of its nodes."""
+    nodes = ["n1", "n2", "n3", "n4"]
+    prices = {n: rng.choice([0, -50_000, 120_000, 200_000, rng.randrange(-(10**6), 10**6)]) for n in nodes}
+    people = [f"p{i}" for i in range(rng.randrange(1, 12))] + ["utility-orders"]
+    trades = []
+    for _ in range(rng.randrange(0, 30)):
+        buyer, seller = rng.choice(people), rng.choice(people)
+        buyer_node, seller_node = rng.choice(nodes), rng.choice(nodes)
+        if buyer == seller and buyer_node == seller_node:
+            continue
+        trades.append(Trade(buyer, buyer_node, seller, seller_node, rng.randrange(1, 5000)))
+    bought: dict[str, int] = {}
+    sold: dict[str, int] = {}
+    for t in trades:
+        bought[t.buyer_id] = bought.get(t.buyer_id, 0) + t.energy_wh
+        sold[t.seller_id] = sold.get(t.seller_id, 0) + t.energy_wh
+    accepted = tuple(AcceptedEnergy(p, bought.get(p, 0), sold.get(p, 0)) for p in sorted(bought | sold))
+    meter = tuple(
+        MeterEnergy(p, rng.randrange(0, 3000), rng.randrange(0, 3000), rng.choice(list(MeterQuality)[1:]))
+        for p in people
+        if rng.random() < 0.7
+    )
+    rules = SettlementRules.from_mapping(
+        {
+            "grid_operator": "dso",
+            "utility": "ewz",
+            "utility_participant_id": rng.choice(["utility-orders", None]),
+            "retail_tariff_micro_per_kwh": rng.choice([0, 300_000]),
+            "feed_in_tariff_micro_per_kwh": rng.choice([0, 80_000]),
+            "grid_fee_micro_per_kwh": rng.choice([0, 60_000]),
+            "grid_fee_same_feeder_micro_per_kwh": rng.choice([0, 30_000]),
+            "grid_fee_same_node_micro_per_kwh": rng.choice([0, 15_000]),
+            "feeders": {"n1": "f1", "n2": "f1"},
+            "grid_fee_payer": rng.choice(["buyer", "seller"]),
+        }
+    )
+    return ClearingResult("demo", START_S, prices, tuple(trades), accepted), meter, rules
+
+
+def test_the_first_settlement_built_chunk_by_chunk_equals_the_transfers_of_its_legs() -> None:
+    rng = random.Random(11)
+    for _ in range(400):
+        clearing_result, meter, rules = random_interval(rng)
+        state = initial_meter_state(clearing_result, meter, rules)
+        expected = legs_to_transfers(settlement_legs(clearing_result, state, rules), "demo", START_S, 0)
+        for size in (1, 3, 256):
+            chunks = list(first_settlement_chunks(clearing_result, state, rules, size))
+            # A trade's legs (up to three) stay in one chunk.
+            assert all(0 < len(chunk) < size + 3 for chunk in chunks)
+            assert [t for chunk in chunks for t in chunk] == expected
+        assert plan_first_settlement(SettlementInputs(clearing_result, meter), rules).transfers == expected
