@@ -94,6 +94,8 @@ class BotReport:
     sold_wh: int = 0
     # Batteries only: the state of charge when the bot stopped.
     state_of_charge_wh: float | None = None
+    # Orders whose receipt the bot holds and has not replaced: order id → interval start.
+    acknowledged: dict[str, int] = field(default_factory=dict)
 
 
 class BotRuntime:
@@ -127,6 +129,7 @@ class BotRuntime:
             log.info("order %s refused: %s", order.body.client_order_id, exc)
             return None
         self.report.placed += 1
+        self.report.acknowledged[receipt.order_id] = order.body.interval_start_s
         return receipt
 
     async def amend(self, order_id: str, replacement: pb.PlaceOrderRequest) -> pb.OrderReceipt | None:
@@ -137,6 +140,8 @@ class BotRuntime:
             log.info("amend of %s refused: %s", order_id, exc)
             return None
         self.report.amended += 1
+        self.report.acknowledged.pop(order_id, None)
+        self.report.acknowledged[receipt.order_id] = replacement.body.interval_start_s
         return receipt
 
     async def _follow_fills(self) -> None:

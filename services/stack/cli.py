@@ -123,16 +123,24 @@ async def _run(args: argparse.Namespace, grid_path: Path, workdir: Path) -> int:
         report_ok = await _write_report(market, wanted, Path(args.report_dir), say)
     codes = await market.close()
     cleared, settled = market.progress.cleared(wanted), market.progress.settled(wanted)
+    held, lost = market.lost_orders(wanted)
     print(
-        f"p2pgrid up: {cleared}/{len(wanted)} intervals cleared, {settled}/{len(wanted)} settled", flush=True
+        f"p2pgrid up: {cleared}/{len(wanted)} intervals cleared, {settled}/{len(wanted)} settled; "
+        f"{held - len(lost)} of {held} acknowledged orders in their clearing ({len(lost)} lost)",
+        flush=True,
     )
+    if lost:
+        print(
+            f"p2pgrid up: acknowledged orders missing from their clearing: {', '.join(lost[:10])}",
+            file=sys.stderr,
+        )
     failed = {name: code for name, code in codes.items() if code != 0}
     if failed:
         print(
             f"p2pgrid up: services exited with errors: {failed}; logs in {workdir / 'logs'}", file=sys.stderr
         )
         return 1
-    return 0 if finished and report_ok else 1
+    return 0 if finished and report_ok and not lost else 1
 
 
 async def _write_report(
@@ -152,6 +160,7 @@ async def _write_report(
             labels=market.labels,
             network_name=market.options.grid_path.name,
             progress=lambda step: say(f"report: {step}"),
+            read_timeout_s=300.0,
         )
     except (ReportError, OSError) as exc:
         print(f"p2pgrid up: error: the report could not be written: {exc}", file=sys.stderr)

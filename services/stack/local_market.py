@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from examples.bots.common import BotReport
 from services.domain.grid import Grid, load_grid
 from services.domain.intervals import DEFAULT_GATE_CLOSURE_S, DEFAULT_INTERVAL_S, Interval, SimulatedClock
 from services.stack.market import (
@@ -125,6 +126,8 @@ class LocalMarket:
         self._bots: list[asyncio.Task[object]] = []
         self._follower: asyncio.Task[None] | None = None
         self.bot_failures: list[str] = []
+        # Filled by close(): every order a bot holds a receipt for, order id → interval start.
+        self.acknowledged: dict[str, int] = {}
 
     @property
     def order_book_target(self) -> str:
@@ -234,8 +237,25 @@ class LocalMarket:
         tasks: list[asyncio.Future[object]] = [*self._bots]
         if self._follower is not None:
             tasks.append(self._follower)  # type: ignore[arg-type]
-        await asyncio.gather(*tasks, return_exceptions=True)
+        outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+        self.acknowledged = {}
+        for outcome in outcomes:
+            if isinstance(outcome, BotReport):
+                self.acknowledged.update(outcome.acknowledged)
         return await asyncio.to_thread(self.stack.stop)
+
+    def lost_orders(self, wanted: list[int]) -> tuple[int, list[str]]:
+        """(orders the bots hold receipts for in the cleared wanted intervals, those missing from their
+        interval's clearing result); valid after `close()`."""
+        held = [
+            (order_id, start_s)
+            for order_id, start_s in sorted(self.acknowledged.items())
+            if start_s in wanted and self.progress.summary(start_s).cleared
+        ]
+        lost = [
+            order_id for order_id, start_s in held if order_id not in self.progress.summary(start_s).order_ids
+        ]
+        return len(held), lost
 
 
 def describe(summary: IntervalSummary) -> str:

@@ -43,6 +43,8 @@ class IntervalSummary:
     welfare_nano: int = 0
     prices_micro_per_kwh: dict[str, int] = field(default_factory=dict)
     binding_lines: list[str] = field(default_factory=list)
+    # The ids of the orders in the interval's clearing result.
+    order_ids: set[str] = field(default_factory=set)
     settled_transfers: int | None = None
     traded_amount_nano: int | None = None
 
@@ -194,6 +196,7 @@ async def follow_streams(nats_url: str, progress: MarketProgress, stop: asyncio.
                 result = events_pb2.ClearingResultEvent.FromString(delivery.data).result
                 summary = progress.summary(int(result.interval.start_s))
                 summary.orders = len(result.orders)
+                summary.order_ids = {order.order_id for order in result.orders}
                 summary.volume_wh = sum(t.energy_wh for t in result.trades)
                 summary.welfare_nano = result.welfare_nano
                 summary.prices_micro_per_kwh = {n.node_id: n.price_micro_per_kwh for n in result.nodes}

@@ -217,8 +217,12 @@ async def _read_subject(bus: NatsBus, stream: str, filter_subject: str, timeout_
     from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
     from nats.js.errors import NotFoundError
 
+    # Explicit acks: a fetch that times out on a busy machine may drop the part of a batch it received,
+    # and those messages come again after ack_wait instead of being lost; stream sequences skip repeats.
     config = ConsumerConfig(
-        ack_policy=AckPolicy.NONE,
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=10.0,
+        max_ack_pending=-1,
         deliver_policy=DeliverPolicy.ALL,
         inactive_threshold=60.0,
         mem_storage=True,
@@ -231,22 +235,23 @@ async def _read_subject(bus: NatsBus, stream: str, filter_subject: str, timeout_
     try:
         info = await subscription.consumer_info()
         name = str(info.name)
-        remaining = int(info.num_pending or 0)
-        out: list[bytes] = []
+        wanted = int(info.num_pending or 0)
+        by_sequence: dict[int, bytes] = {}
         deadline = time.monotonic() + timeout_s
-        while remaining > 0:
+        while len(by_sequence) < wanted:
             if time.monotonic() > deadline:
                 raise ReportError(
-                    f"reading {filter_subject} from stream {stream}: {remaining} messages still missing "
-                    f"after {timeout_s:g} s"
+                    f"reading {filter_subject} from stream {stream}: {wanted - len(by_sequence)} messages "
+                    f"still missing after {timeout_s:g} s"
                 )
             try:
-                msgs = await subscription.fetch(min(remaining, 256), timeout=2.0)
+                msgs = await subscription.fetch(min(wanted - len(by_sequence), 64), timeout=5.0)
             except (NatsTimeoutError, TimeoutError):
                 continue
-            out.extend(bytes(msg.data) for msg in msgs)
-            remaining -= len(msgs)
-        return out
+            for msg in msgs:
+                by_sequence.setdefault(int(msg.metadata.sequence.stream), bytes(msg.data))
+                await msg.ack()
+        return [by_sequence[sequence] for sequence in sorted(by_sequence)]
     finally:
         with contextlib.suppress(Exception):
             await subscription.unsubscribe()
