@@ -41,7 +41,7 @@ from services.matcher.domain.model import (
     INITIAL_HALF_WIDTH_LEVELS,
     VALUE_TOLERANCE_WH,
     StepSolution,
-    full_group_steps,
+    full_group_energy,
     solve_steps,
 )
 from services.matcher.domain.rules import rounding_allowance_wh, rounding_margin_wh
@@ -132,7 +132,6 @@ def _integer_allocation(
     node_count = len(grid.nodes)
     line_count = len(grid.lines)
     energy = steps.energy_wh
-    sign = steps.sign
     if len(steps) == 0:
         return Allocation(
             np.zeros(0, dtype=np.int64),
@@ -167,11 +166,10 @@ def _integer_allocation(
     )
     if not np.all(at_bound | marginal_mask[: len(window)]):
         raise ClearingError("a step priced away from its node's price is partly accepted (not an LP optimum)")
-    accepted = np.zeros(len(steps), dtype=np.int64)
-    full_members = full_group_steps(layout)
-    accepted[full_members] = energy[full_members]
+    accepted = full_group_energy(steps, layout)
     accepted[window] = rounded.astype(np.int64)
     marginal_steps = candidates[marginal_mask]
+    marginal_sign = steps.sign_of(marginal_steps)
     z = candidate_values[marginal_mask]
     accepted[marginal_steps] = 0
     # Injections of everything but the marginal steps: groups at their bounds,
@@ -179,10 +177,10 @@ def _integer_allocation(
     group_sign = np.where(layout.group_is_buy, -1.0, 1.0)
     fixed_injection: FloatArray = (
         np.bincount(layout.group_node, weights=group_sign * layout.group_expected_wh, minlength=node_count)
-        + np.bincount(steps.node[window], weights=sign[window] * rounded, minlength=node_count)
+        + np.bincount(steps.node[window], weights=steps.sign_of(window) * rounded, minlength=node_count)
         - np.bincount(
             steps.node[marginal_steps],
-            weights=sign[marginal_steps] * np.rint(z),
+            weights=marginal_sign * np.rint(z),
             minlength=node_count,
         )
     ).astype(np.float64)
@@ -195,7 +193,7 @@ def _integer_allocation(
         z = _most_volume(steps, grid, marginal_steps, fixed_injection, limits, binding_direction, fallback=z)
 
     injection = fixed_injection + np.bincount(
-        steps.node[marginal_steps], weights=sign[marginal_steps] * z, minlength=node_count
+        steps.node[marginal_steps], weights=marginal_sign * z, minlength=node_count
     )
     continuous_flows = ptdf @ injection if line_count else np.zeros(0)
     binding = (np.abs(continuous_flows) >= limits - 1e-6 * np.maximum(1.0, limits)) | (binding_direction != 0)
@@ -217,7 +215,7 @@ def _integer_allocation(
         return None
     accepted[marginal_steps] = candidate
     final_injection = fixed_injection + np.bincount(
-        steps.node[marginal_steps], weights=sign[marginal_steps] * candidate, minlength=node_count
+        steps.node[marginal_steps], weights=marginal_sign * candidate, minlength=node_count
     )
     flows = ptdf @ final_injection if line_count else np.zeros(0)
     if tightened:
@@ -237,7 +235,7 @@ def _most_volume(
 ) -> FloatArray:
     """The volume rule: most traded energy over the optimal face (see the module docstring)."""
     ptdf = grid.ptdf()
-    sign = steps.sign[marginal_steps]
+    sign = steps.sign_of(marginal_steps)
     count = len(marginal_steps)
     fixed_flows = ptdf @ fixed_injection if len(grid.lines) else np.zeros(0)
     node_of = steps.node[marginal_steps]
@@ -286,7 +284,7 @@ class _Rounding:
     binding: BoolArray
 
     def flows(self, values: npt.NDArray[np.float64] | IntArray) -> FloatArray:
-        sign = self.steps.sign[self.marginal_steps]
+        sign = self.steps.sign_of(self.marginal_steps)
         injection = self.fixed_injection + np.bincount(
             self.steps.node[self.marginal_steps], weights=sign * values, minlength=len(self.grid.nodes)
         )
@@ -304,7 +302,7 @@ class _Rounding:
     def accept(self, values: IntArray | None) -> IntArray | None:
         if values is None:
             return None
-        sign = self.steps.sign[self.marginal_steps].astype(np.int64)
+        sign = self.steps.sign_of(self.marginal_steps).astype(np.int64)
         if round(float(self.fixed_injection.sum())) + int(np.dot(sign, values)) != 0:
             return None
         if len(self.grid.lines) and not bool(self.acceptable_flows(self.flows(values))):
@@ -319,7 +317,7 @@ class _Rounding:
         base = rounded.copy()
         base[fractional] = np.floor(z[fractional])
         base_int = np.clip(base, 0, energy).astype(np.int64)
-        sign = self.steps.sign[self.marginal_steps].astype(np.int64)
+        sign = self.steps.sign_of(self.marginal_steps).astype(np.int64)
         needed = -round(float(self.fixed_injection.sum())) - int(np.dot(sign, base_int))
         return base_int, fractional, needed
 
@@ -327,7 +325,7 @@ class _Rounding:
         """Every floor/ceiling pattern of the fractional steps that keeps the balance: the best acceptable one."""
         base, fractional, needed = self._floor_base(z)
         energy = self.steps.energy_wh[self.marginal_steps]
-        sign = self.steps.sign[self.marginal_steps].astype(np.int64)
+        sign = self.steps.sign_of(self.marginal_steps).astype(np.int64)
         patterns = np.array(list(itertools.product((0, 1), repeat=len(fractional))), dtype=np.int64).reshape(
             -1, len(fractional)
         )
@@ -357,7 +355,7 @@ class _Rounding:
         base, fractional, needed = self._floor_base(z)
         if needed == 0:
             return base
-        sign = self.steps.sign[self.marginal_steps]
+        sign = self.steps.sign_of(self.marginal_steps)
         side = fractional[sign[fractional] == (1.0 if needed > 0 else -1.0)]
         if len(side) < abs(needed):
             return None

@@ -487,10 +487,17 @@ def _program(
     )
 
 
-def full_group_steps(layout: _Layout) -> IntArray:
-    """The steps of the groups expected fully accepted."""
+def full_group_energy(steps: PriceSteps, layout: _Layout) -> IntArray:
+    """Each step's energy if it lies in a group expected fully accepted, else 0."""
     full = layout.group_expected_wh > 0
-    return _ranges(layout.group_first[full], layout.group_last[full])
+    # +1 where such a group starts, -1 where it ends (groups are disjoint and
+    # not empty, so starts are distinct, and so are ends): the running sum is 1 inside.
+    edges = np.zeros(len(steps) + 1, dtype=np.int8)
+    edges[layout.group_first[full]] = 1
+    edges[layout.group_last[full]] -= 1
+    inside = np.cumsum(edges[:-1], dtype=np.int8)
+    energy: IntArray = np.multiply(steps.energy_wh, inside, dtype=np.int64)
+    return energy
 
 
 def _implied_levels(

@@ -82,7 +82,8 @@ class PriceSteps:
             return values[self.order_step]
         table = np.zeros(self.key_cells, dtype=values.dtype)
         table[self.step_key] = values
-        return table[self.order_key]
+        # (mode="clip" skips the bounds checks: every key is a cell of the table.)
+        return np.take(table, self.order_key, mode="clip")
 
     def steps_of(self, rows: IntArray) -> IntArray:
         """The step of each order in `rows`."""
@@ -90,10 +91,9 @@ class PriceSteps:
             return self.order_step[rows]
         return np.searchsorted(self.step_key, self.order_key[rows]).astype(np.int64)
 
-    @cached_property
-    def sign(self) -> npt.NDArray[np.float64]:
-        """+1 for sells (energy into the node), -1 for buys."""
-        return np.where(self.is_buy, -1.0, 1.0)
+    def sign_of(self, steps: IntArray) -> npt.NDArray[np.float64]:
+        """+1 for sells (energy into the node), -1 for buys, for the given steps."""
+        return np.where(self.is_buy[steps], -1.0, 1.0)
 
     @cached_property
     def base_level(self) -> int:
@@ -258,7 +258,7 @@ def aggregate(orders: ValidOrders, grid: Grid) -> PriceSteps:
         # Float weights given directly: bincount's own conversion of integers is slow.
         sums = np.bincount(order_key, weights=energy.astype(np.float64), minlength=cells)
         step_key = np.flatnonzero(sums > 0)
-        step_energy = sums[step_key].astype(np.int64)
+        step_energy = np.take(sums, step_key, mode="clip").astype(np.int64)
         key_table = np.asarray(sums, dtype=np.float64)  # (a no-op: weighted counts are floats)
     else:
         step_key, inverse = np.unique(order_key, return_inverse=True)

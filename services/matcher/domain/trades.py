@@ -50,9 +50,10 @@ def decompose(accepted_wh: IntArray, is_buy: BoolArray) -> Trades:
     total = buy_count + sell_count
     cuts = np.empty(total, dtype=np.int64)
     buy_cuts, sell_cuts = cuts[:buy_count], cuts[buy_count:]
-    np.take(accepted_wh, buys, out=buy_cuts)
+    # (Gathers with mode="clip" skip the bounds checks; every index is in range.)
+    np.take(accepted_wh, buys, out=buy_cuts, mode="clip")
     np.cumsum(buy_cuts, out=buy_cuts)
-    np.take(accepted_wh, sells, out=sell_cuts)
+    np.take(accepted_wh, sells, out=sell_cuts, mode="clip")
     np.cumsum(sell_cuts, out=sell_cuts)
     if buy_cuts[-1] != sell_cuts[-1]:
         raise ValueError(f"buys ({int(buy_cuts[-1])} Wh) and sells ({int(sell_cuts[-1])} Wh) do not balance")
@@ -83,7 +84,7 @@ def decompose(accepted_wh: IntArray, is_buy: BoolArray) -> Trades:
         length = length[:-1]
     else:
         pieces = np.flatnonzero(positive)
-        sellers = sellers[pieces]
-        length = length[pieces]
+        sellers = np.take(sellers, pieces, mode="clip")
+        length = np.take(length, pieces, mode="clip")
     buyers = np.subtract(pieces, sellers, out=pieces)
-    return Trades(buys[buyers], sells[sellers], length)
+    return Trades(np.take(buys, buyers, mode="clip"), np.take(sells, sellers, mode="clip"), length)
