@@ -119,6 +119,8 @@ async def _run(args: argparse.Namespace, grid_path: Path, workdir: Path) -> int:
     say(f"trading {len(wanted)} intervals from {Interval(wanted[0]).iso()} (Ctrl-C stops)")
     finished = await market.run_until_settled(wanted, stop)
     report_ok = True
+    # The traded intervals are settled: the bots stop, so the report has the machine to itself.
+    await market.stop_trading()
     if args.report_dir and not stop.is_set():
         report_ok = await _write_report(market, wanted, Path(args.report_dir), say)
     codes = await market.close()

@@ -231,22 +231,26 @@ class LocalMarket:
             await asyncio.sleep(0.5)
         return False
 
-    async def close(self) -> dict[str, int]:
-        """Stop the bots and the follower, then the services, meters and NATS; each service's exit code."""
+    async def stop_trading(self) -> None:
+        """Stop the bots and the stream follower (the services keep running); collects the bots' receipts."""
         self.stop_event.set()
         tasks: list[asyncio.Future[object]] = [*self._bots]
         if self._follower is not None:
             tasks.append(self._follower)  # type: ignore[arg-type]
         outcomes = await asyncio.gather(*tasks, return_exceptions=True)
-        self.acknowledged = {}
+        self._bots, self._follower = [], None
         for outcome in outcomes:
             if isinstance(outcome, BotReport):
                 self.acknowledged.update(outcome.acknowledged)
+
+    async def close(self) -> dict[str, int]:
+        """Stop trading, then the services, meters and NATS; each service's exit code."""
+        await self.stop_trading()
         return await asyncio.to_thread(self.stack.stop)
 
     def lost_orders(self, wanted: list[int]) -> tuple[int, list[str]]:
         """(orders the bots hold receipts for in the cleared wanted intervals, those missing from their
-        interval's clearing result); valid after `close()`."""
+        interval's clearing result); valid after `stop_trading()`."""
         held = [
             (order_id, start_s)
             for order_id, start_s in sorted(self.acknowledged.items())
