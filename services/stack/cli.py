@@ -122,7 +122,7 @@ async def _run(args: argparse.Namespace, grid_path: Path, workdir: Path) -> int:
     # The traded intervals are settled: the bots stop, so the report has the machine to itself.
     await market.stop_trading()
     if args.report_dir and not stop.is_set():
-        report_ok = await _write_report(market, wanted, Path(args.report_dir), say)
+        report_ok = await _write_report(market, wanted, Path(args.report_dir), say, stop)
     codes = await market.close()
     cleared, settled = market.progress.cleared(wanted), market.progress.settled(wanted)
     held, lost = market.lost_orders(wanted)
@@ -146,14 +146,18 @@ async def _run(args: argparse.Namespace, grid_path: Path, workdir: Path) -> int:
 
 
 async def _write_report(
-    market: LocalMarket, wanted: list[int], report_dir: Path, say: Callable[[str], None]
+    market: LocalMarket,
+    wanted: list[int],
+    report_dir: Path,
+    say: Callable[[str], None],
+    stop: asyncio.Event,
 ) -> bool:
     """The report folder; False (and why, on stderr) if it could not be written or the ledger fails."""
     from services.stack.report import ReportError, write_report
 
     say(f"writing the report to {report_dir}")
-    try:
-        summary = await write_report(
+    writing = asyncio.ensure_future(
+        write_report(
             report_dir,
             nats_url=market.stack.nats.url,
             ledger_database_url=market.stack.database_url("ledger"),
@@ -164,6 +168,16 @@ async def _write_report(
             progress=lambda step: say(f"report: {step}"),
             read_timeout_s=300.0,
         )
+    )
+    interrupted = asyncio.ensure_future(stop.wait())
+    await asyncio.wait((writing, interrupted), return_when=asyncio.FIRST_COMPLETED)
+    interrupted.cancel()
+    if not writing.done():
+        writing.cancel()
+        print("p2pgrid up: the report was interrupted", file=sys.stderr)
+        return False
+    try:
+        summary = writing.result()
     except (ReportError, OSError) as exc:
         print(f"p2pgrid up: error: the report could not be written: {exc}", file=sys.stderr)
         return False
