@@ -55,6 +55,66 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     parser.set_defaults(func=run_up)
 
 
+def register_bench(benches: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    day = benches.add_parser(
+        "day",
+        help="a whole day of the local market (default 1,000 households, 96 intervals at 240x) against "
+        "the 10-minute target",
+        description="Run `p2pgrid up --report-dir` for a day and print one JSON line: wall seconds against the "
+        "600 s target, intervals cleared and settled, acknowledged orders and those lost, ledger verified. "
+        "Progress goes to stderr.",
+    )
+    day.add_argument("--prosumers", type=int, default=1000)
+    day.add_argument("--intervals", type=int, default=96)
+    day.add_argument("--speedup", type=float, default=240.0)
+    day.add_argument("--workdir", default="", help="default: a temporary folder")
+    day.set_defaults(func=_bench_day)
+
+
+DAY_TARGET_WALL_S = 600.0
+
+
+def _bench_day(args: argparse.Namespace) -> int:
+    import contextlib
+    import json
+    import time
+
+    from services.stack.local_market import DEFAULT_GRID as default_grid
+
+    if args.prosumers <= 0 or args.intervals <= 0 or args.speedup <= 0:
+        print(
+            "p2pgrid bench day: error: --prosumers, --intervals and --speedup must be positive",
+            file=sys.stderr,
+        )
+        return 2
+    workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="p2pgrid-day-"))
+    run_args = argparse.Namespace(
+        prosumers=args.prosumers,
+        intervals=args.intervals,
+        speedup=args.speedup,
+        meter_map=DEFAULT_METER_MAP,
+        report_dir=str(workdir / "report"),
+    )
+    outcome: dict[str, object] = {}
+    began = time.monotonic()
+    with contextlib.redirect_stdout(sys.stderr):
+        code = asyncio.run(_run(run_args, default_grid, workdir, outcome))
+    wall_s = time.monotonic() - began
+    figures = {
+        "part": "day",
+        "prosumers": args.prosumers,
+        "speedup": args.speedup,
+        "wall_s": round(wall_s, 1),
+        "target_wall_s": DAY_TARGET_WALL_S,
+        "ratio_vs_target": round(wall_s / DAY_TARGET_WALL_S, 3),
+        **outcome,
+        "report": str(workdir / "report" / "report.md"),
+    }
+    figures["meets_target"] = bool(code == 0 and wall_s <= DAY_TARGET_WALL_S)
+    print(json.dumps(figures), flush=True)
+    return code
+
+
 def _error(message: str) -> int:
     print(f"p2pgrid up: error: {message}", file=sys.stderr)
     return 2
@@ -89,7 +149,11 @@ def run_up(args: argparse.Namespace) -> int:
     return asyncio.run(_run(args, grid_path, workdir))
 
 
-async def _run(args: argparse.Namespace, grid_path: Path, workdir: Path) -> int:
+async def _run(
+    args: argparse.Namespace, grid_path: Path, workdir: Path, outcome: dict[str, object] | None = None
+) -> int:
+    """Run the market; `outcome`, if given, receives the run's figures (for `p2pgrid bench day`)."""
+    outcome = {} if outcome is None else outcome
     from services.stack.local_market import LocalMarket, MarketOptions
 
     def say(line: str) -> None:
@@ -123,9 +187,17 @@ async def _run(args: argparse.Namespace, grid_path: Path, workdir: Path) -> int:
     await market.stop_trading()
     if args.report_dir and not stop.is_set():
         report_ok = await _write_report(market, wanted, Path(args.report_dir), say, stop)
+        outcome["ledger_verified"] = report_ok
     codes = await market.close()
     cleared, settled = market.progress.cleared(wanted), market.progress.settled(wanted)
     held, lost = market.lost_orders(wanted)
+    outcome.update(
+        intervals=len(wanted),
+        cleared=cleared,
+        settled=settled,
+        acknowledged_orders=held,
+        lost_orders=len(lost),
+    )
     print(
         f"p2pgrid up: {cleared}/{len(wanted)} intervals cleared, {settled}/{len(wanted)} settled; "
         f"{held - len(lost)} of {held} acknowledged orders in their clearing ({len(lost)} lost)",
