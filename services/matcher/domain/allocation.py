@@ -38,7 +38,6 @@ from services.domain.grid import Grid
 from services.matcher.domain import lp
 from services.matcher.domain.model import (
     DUAL_TOLERANCE_LEVELS,
-    INITIAL_HALF_WIDTH_LEVELS,
     VALUE_TOLERANCE_WH,
     StepSolution,
     full_group_energy,
@@ -75,9 +74,7 @@ class Allocation:
     solution: StepSolution
 
 
-def allocate(
-    steps: PriceSteps, grid: Grid, *, initial_half_width: int = INITIAL_HALF_WIDTH_LEVELS
-) -> Allocation:
+def allocate(steps: PriceSteps, grid: Grid, *, initial_half_width: int | None = None) -> Allocation:
     """Solve the step LP, apply the volume rule and round to whole Wh within every line limit.
 
     A meshed grid must have passed `rules.check_limits_allow_rounding`.

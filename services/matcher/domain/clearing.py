@@ -31,7 +31,6 @@ import numpy.typing as npt
 
 from services.domain.grid import Grid
 from services.matcher.domain.allocation import allocate
-from services.matcher.domain.model import INITIAL_HALF_WIDTH_LEVELS
 from services.matcher.domain.orders import ClearingInput
 from services.matcher.domain.prices import set_prices
 from services.matcher.domain.result import ClearingResult
@@ -46,9 +45,7 @@ T = TypeVar("T")
 _INT64_SAFE = 2**62
 
 
-def clear(
-    request: ClearingInput, grid: Grid, *, initial_half_width: int = INITIAL_HALF_WIDTH_LEVELS
-) -> ClearingResult:
+def clear(request: ClearingInput, grid: Grid, *, initial_half_width: int | None = None) -> ClearingResult:
     """Clear one interval: welfare-maximising whole-Wh allocation, node prices, trades.
 
     Raises `OrderError` (a ValueError naming the row and the rule) for bad

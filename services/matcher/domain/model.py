@@ -61,8 +61,10 @@ CERTIFY_WIDTH_FACTOR = 2
 GROUP_GROWTH = 4
 CERTIFY_GROUP_GROWTH = 64
 # The radial estimate builds node x price-bucket curves with at most this
-# many buckets per node and this many cells in all.
+# many buckets per node (more where the aggregation's dense level table can
+# be summed instead of the steps) and this many cells in all.
 MAX_CURVE_BUCKETS = 1024
+MAX_DENSE_CURVE_BUCKETS = 4096
 MAX_DENSE_CURVE_CELLS = 4_000_000
 # Buckets of at most this many levels are summed from the aggregation's level table.
 _SUMMED_BUCKET_LEVELS = 8
@@ -114,12 +116,15 @@ def solve_steps(
     grid: Grid,
     limits_wh: FloatArray,
     *,
-    initial_half_width: int = INITIAL_HALF_WIDTH_LEVELS,
+    initial_half_width: int | None = None,
     initial_levels: FloatArray | None = None,
 ) -> StepSolution:
     """Solve the step LP to optimality with price windows (see the module docstring).
 
-    `initial_levels` (node prices in ticks, e.g. of a nearby LP) skip the estimating rounds.
+    `initial_levels` (node prices in ticks, e.g. of a nearby LP) skip the
+    estimating rounds. `initial_half_width` is the first windows' half width
+    in levels; by default INITIAL_HALF_WIDTH_LEVELS, or on a radial feeder the
+    precision of its estimate.
     """
     node_count = len(grid.nodes)
     line_count = len(grid.lines)
@@ -137,14 +142,20 @@ def solve_steps(
         )
     level_min = steps.base_level
     level_max = level_min + steps.key_span - 1
-    half_width = np.full(node_count, max(1, initial_half_width), dtype=np.int64)
+    first_width = INITIAL_HALF_WIDTH_LEVELS if initial_half_width is None else initial_half_width
+    half_width = np.full(node_count, max(1, first_width), dtype=np.int64)
     rounds = 0
     estimate_rounds = ESTIMATE_ROUNDS
     if initial_levels is None and grid.is_radial:
         radial = radial_levels(steps, grid, limits_wh)
         if radial is not None:
             initial_levels = radial[0]
-            half_width[:] = np.maximum(half_width, radial[1] // 2 + 1)
+            # The estimate is good to its bucket, and to the level between a
+            # marginal buy and a marginal sell: unless told otherwise, that is the window.
+            estimate_width = radial[1] // 2 + 1
+            half_width[:] = (
+                estimate_width if initial_half_width is None else np.maximum(half_width, estimate_width)
+            )
     if initial_levels is not None and np.all(np.isfinite(initial_levels)):
         target = np.clip(np.rint(initial_levels), level_min, level_max).astype(np.int64)
         estimate_rounds = 0
@@ -223,7 +234,9 @@ def radial_levels(steps: PriceSteps, grid: Grid, limits_wh: FloatArray) -> tuple
     # The curves live on buckets of price levels: the levels themselves, or
     # ranges of them in a wide book (the estimate then has the bucket's width,
     # which the returned window half width covers).
-    bucket = max(1, -(-span // MAX_CURVE_BUCKETS))
+    # A dense book's level table is at hand: then finer buckets cost little.
+    buckets = MAX_CURVE_BUCKETS if steps.key_table is None else MAX_DENSE_CURVE_BUCKETS
+    bucket = max(1, -(-span // buckets))
     width = -(-span // bucket)
     if node_count * width > MAX_DENSE_CURVE_CELLS:
         return None
@@ -260,8 +273,7 @@ def radial_levels(steps: PriceSteps, grid: Grid, limits_wh: FloatArray) -> tuple
     clipped = np.empty(width)
     for node in reversed(order[1:]):
         limit = limits[entry_line[node]]
-        np.minimum(curves[node], limit, out=clipped)
-        np.maximum(clipped, -limit, out=clipped)
+        np.clip(curves[node], -limit, limit, out=clipped)
         curves[parent[node]] += clipped
     # Curves never decrease: the first bucket at or above a value is the number of buckets below it.
     position = [0] * node_count

@@ -73,8 +73,9 @@ def node_bounds(steps: PriceSteps, accepted_wh: IntArray, node_count: int) -> tu
         some = accepted_wh > 0
         short = accepted_wh < steps.energy_wh
         is_buy = steps.is_buy
-        raises_floor = np.where(is_buy, short, some)
-        lowers_ceiling = np.where(is_buy, some, short)
+        is_sell = ~is_buy
+        raises_floor = (is_buy & short) | (is_sell & some)
+        lowers_ceiling = (is_buy & some) | (is_sell & short)
         # Steps are sorted by node: reduce each node's run.
         node_start = steps.segment_start[0:-1:2]
         present = steps.segment_start[2::2] > node_start
