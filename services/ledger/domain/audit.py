@@ -117,10 +117,71 @@ class RangeAuditor:
         """Verify the next rows of both tables (same seq range, in order); after a failure the range stops."""
         if self._failure is not None:
             return
+        if self._feed_intact(transfer_rows, chain_rows):
+            return
         try:
             self._feed(transfer_rows, chain_rows)
         except VerificationError as e:
             self._failure = (self._seq + 1, str(e))
+
+    def _feed_intact(self, transfer_rows: Sequence[TransferRow], chain_rows: Sequence[ChainRow]) -> bool:
+        """Verify rows that are intact a column at a time; False (nothing taken) if any check fails.
+
+        The same checks as `_feed`, which then runs on the same rows to name
+        the first failure: whole columns compared at once cost less than a
+        check per row, and a ledger nobody touched is the common case.
+        """
+        count = len(transfer_rows)
+        if not count or len(chain_rows) != count:
+            return False
+        seq = self._seq
+        if [t[0] for t in transfer_rows] != list(range(seq + 1, seq + count + 1)):
+            return False
+        if [c[0] for c in chain_rows] != list(range(seq + 1, seq + count + 1)):
+            return False
+        if [t[1] for t in transfer_rows] != [c[1] for c in chain_rows]:
+            return False
+        amounts = [t[4] for t in transfer_rows]
+        intervals = [t[6] for t in transfer_rows]
+        if set(map(type, amounts)) != {int} or set(map(type, intervals)) != {int}:
+            return False
+        sha = sha256
+        prefix = f"\x00{ENTRY_PREFIX}|"
+        try:
+            leaves = [
+                sha(
+                    f"{prefix}{tid}|{debit}|{credit}|{amount}|{code}|{start}|{group}|{flags}".encode("ascii")
+                ).digest()
+                for _seq, tid, debit, credit, amount, code, start, group, flags in transfer_rows
+            ]
+        except (UnicodeEncodeError, ValueError):
+            return False
+        head = self._head
+        heads: list[bytes] = []
+        push = heads.append
+        for h in leaves:
+            head = sha(head + h).digest()
+            push(head)
+        try:
+            if leaves != [bytes(c[2]) for c in chain_rows] or heads != [bytes(c[3]) for c in chain_rows]:
+                return False
+        except TypeError:  # a hash that is not bytes at all (NULL)
+            return False
+        for size, signed_head in self._heads_at.items():
+            if seq < size <= seq + count and heads[size - seq - 1] != signed_head:
+                return False
+        debits = self._debits
+        credits = self._credits
+        debits_get = debits.get
+        credits_get = credits.get
+        for t in transfer_rows:
+            debits[t[2]] = debits_get(t[2], 0) + t[4]
+            credits[t[3]] = credits_get(t[3], 0) + t[4]
+        self._intervals.extend(intervals)
+        self._append_leaves(leaves)
+        self._seq += count
+        self._head = head
+        return True
 
     def _feed(self, transfer_rows: Sequence[TransferRow], chain_rows: Sequence[ChainRow]) -> None:
         sha = sha256

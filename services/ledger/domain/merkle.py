@@ -22,6 +22,7 @@ index)` covers leaves [index·2^level, (index+1)·2^level).
 from __future__ import annotations
 
 import hashlib
+import itertools
 from collections.abc import Callable, Sequence
 
 from services.ledger.domain.hashing import sha256
@@ -181,25 +182,49 @@ class CompactRange:
     def extend(
         self, leaves: Sequence[bytes], min_level: int, completed: list[tuple[int, int, bytes]]
     ) -> None:
-        """Append leaf hashes; perfect subtrees of level ≥ min_level they complete go to `completed`."""
-        end = self.end
+        """Append leaf hashes; perfect subtrees of level ≥ min_level they complete go to `completed`.
+
+        One tree level at a time, as `MerkleFrontier.extend`: at each level the
+        new nodes are hashed in pairs. A first node at an odd index pairs with
+        the range's last piece if that is its sibling; otherwise its sibling
+        reaches before `begin`, so the node stays a piece of the range, as does
+        every first node above it. An unpaired last node stays a piece too.
+        """
+        sha = _sha256
         levels = self.levels
         hashes = self.hashes
-        sha = _sha256
-        for h in leaves:
-            index = end
-            level = 0
-            while index & 1 and levels and levels[-1] == level:
-                h = sha(b"\x01" + hashes.pop() + h).digest()
-                levels.pop()
-                level += 1
-                index >>= 1
-                if level >= min_level:
-                    completed.append((level, index, h))
+        current = list(leaves)
+        index = self.end  # of current[0] within its level
+        level = 0
+        joining = True  # the new nodes still meet the range's last piece
+        left: list[tuple[int, bytes]] = []  # pieces at the new nodes' left edge, lowest level first
+        right: list[tuple[int, bytes]] = []  # pieces at their right edge, lowest level first
+        while current:
+            if index & 1:
+                if joining and levels and levels[-1] == level:
+                    levels.pop()
+                    current.insert(0, hashes.pop())
+                    index -= 1
+                else:
+                    joining = False
+                    left.append((level, current.pop(0)))
+                    index += 1
+                    if not current:
+                        break
+            count = len(current)
+            if count & 1:
+                right.append((level, current[-1]))
+            parents = [sha(b"\x01" + current[i] + current[i + 1]).digest() for i in range(0, count - 1, 2)]
+            level += 1
+            index >>= 1
+            if level >= min_level:
+                completed.extend((level, index + i, h) for i, h in enumerate(parents))
+            current = parents
+        right.reverse()
+        for piece_level, h in itertools.chain(left, right):
+            levels.append(piece_level)
             hashes.append(h)
-            levels.append(level)
-            end += 1
-        self.end = end
+        self.end += len(leaves)
 
     def append_piece(
         self, level: int, index: int, h: bytes, min_level: int, completed: list[tuple[int, int, bytes]]

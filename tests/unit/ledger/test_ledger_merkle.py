@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import random
 
 import pytest
 
@@ -238,6 +239,30 @@ def test_consistency_proofs_refuse_impossible_sizes() -> None:
     with pytest.raises(ProofError):
         verify_consistency(3, 8, EMPTY_ROOT, EMPTY_ROOT, [])
     verify_consistency(0, 8, EMPTY_ROOT, ref_mth(entries(8)), [])
+
+
+def test_a_compact_range_extended_by_batches_equals_one_built_leaf_by_leaf() -> None:
+    leaves = [leaf_hash(e) for e in entries(900)]
+    rng = random.Random(5)
+    for _ in range(60):
+        begin = rng.randrange(0, 400)
+        batched = CompactRange(begin)
+        one_by_one = CompactRange(begin)
+        completed: list[tuple[int, int, bytes]] = []
+        expected: list[tuple[int, int, bytes]] = []
+        position = begin
+        while position < 900:
+            size = min(rng.choice([0, 1, 2, 3, 5, 17, 64, 100, 257]), 900 - position)
+            batched.extend(leaves[position : position + size], 2, completed)
+            for index in range(position, position + size):
+                one_by_one.append_piece(0, index, leaves[index], 2, expected)
+            position += size
+            assert (batched.levels, batched.hashes, batched.end) == (
+                one_by_one.levels,
+                one_by_one.hashes,
+                one_by_one.end,
+            )
+        assert sorted(completed) == sorted(expected)
 
 
 def test_compact_ranges_hashed_apart_and_joined_give_the_whole_tree() -> None:
