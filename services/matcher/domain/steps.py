@@ -43,6 +43,9 @@ class ValidOrders:
     level: npt.NDArray[np.int32] | IntArray  # 32 bits when the price range allows
     # Position of each book-ordered order in the caller's input.
     input_row: IntArray | None
+    # The lowest and the highest level (0 and 0 without orders).
+    level_low: int = 0
+    level_high: int = 0
 
 
 @dataclass(frozen=True, eq=False)
@@ -207,7 +210,8 @@ def validate(request: ClearingInput, grid: Grid) -> ValidOrders:
             sequence=ordered,
         )
         level = level[input_row]
-    return ValidOrders(request, level, input_row)
+    # Floors keep order: the levels' extremes are those of the prices.
+    return ValidOrders(request, level, input_row, price_min // tick, price_max // tick)
 
 
 def aggregate(orders: ValidOrders, grid: Grid) -> PriceSteps:
@@ -237,8 +241,8 @@ def aggregate(orders: ValidOrders, grid: Grid) -> PriceSteps:
             tick,
         )
     level = orders.level
-    low = int(level.min())
-    span = int(level.max()) - low + 1
+    low = orders.level_low
+    span = orders.level_high - low + 1
     cells = 2 * node_count * span
     # key = (2 * node + is_buy) * span + (level - low), computed in place, in
     # 32 bits while every partial sum fits (32-bit levels below 2**30 and keys
