@@ -99,22 +99,23 @@ def hash_batch(
     frontier: MerkleFrontier,
     node_min_level: int,
 ) -> HashedBatch:
-    """Chain and Merkle-append a batch in one tight loop; `frontier` is advanced in place."""
+    """Chain and Merkle-append a batch; `frontier` is advanced in place."""
     sha = _sha256
-    prefix = ENTRY_PREFIX
-    rows: list[ChainRow] = []
-    push = rows.append
-    leaves: list[bytes] = []
-    leaf = leaves.append
-    seq = first_seq
-    for t in transfers:
-        h = sha(
-            f"\x00{prefix}|{t[0]}|{t[1]}|{t[2]}|{t[3]}|{t[4]}|{t[5]}|{t[6]}|{t[7]}".encode("ascii")
+    prefix = f"\x00{ENTRY_PREFIX}|"
+    leaves = [
+        sha(
+            f"{prefix}{tid}|{debit}|{credit}|{amount}|{code}|{start}|{group}|{flags}".encode("ascii")
         ).digest()
+        for tid, debit, credit, amount, code, start, group, flags in transfers
+    ]
+    heads: list[bytes] = []
+    push = heads.append
+    for h in leaves:
         previous = sha(previous + h).digest()
-        push((seq, t[0], h, previous))
-        leaf(h)
-        seq += 1
+        push(previous)
+    rows = list(
+        zip(range(first_seq, first_seq + len(leaves)), [t[0] for t in transfers], leaves, heads, strict=True)
+    )
     completed: list[tuple[int, int, bytes]] = []
     frontier.extend(leaves, node_min_level, completed)
     return HashedBatch(rows, previous, completed)

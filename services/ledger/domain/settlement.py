@@ -590,7 +590,9 @@ def merge_meter_state(old: MeterState, delivered: Sequence[MeterEnergy]) -> Mete
 
 
 def meter_state_to_json(state: MeterState) -> str:
-    return json.dumps({p: [i, e, int(q)] for p, (i, e, q) in sorted(state.items())}, separators=(",", ":"))
+    return json.dumps(
+        {p: [i, e, q.value] for p, (i, e, q) in state.items()}, separators=(",", ":"), sort_keys=True
+    )
 
 
 def meter_state_from_json(text: str) -> MeterState:
