@@ -31,6 +31,7 @@ line and direction) are re-solved by GLOP with changed objectives.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -211,16 +212,16 @@ def _congested_prices(
     row_high = np.full(len(rows), np.inf)
     np.maximum.at(row_low, group, np.where(bounded_low[bounded], low[bounded], -np.inf).astype(np.float64))
     np.minimum.at(row_high, group, np.where(bounded_high[bounded], high[bounded], np.inf).astype(np.float64))
-    for row in range(len(rows)):
+    for row_from, row_to, row in zip(row_low.tolist(), row_high.tolist(), rows.tolist(), strict=True):
         constraint = solver.RowConstraint(
-            float(row_low[row]) if np.isfinite(row_low[row]) else -infinity,
-            float(row_high[row]) if np.isfinite(row_high[row]) else infinity,
+            row_from if math.isfinite(row_from) else -infinity,
+            row_to if math.isfinite(row_to) else infinity,
             "",
         )
         constraint.SetCoefficient(lam, 1.0)
-        for column, value in enumerate(rows[row].tolist()):
+        for variable, value in zip(nu, row, strict=True):
             if value:
-                constraint.SetCoefficient(nu[column], value)
+                constraint.SetCoefficient(variable, value)
     objective = solver.Objective()
 
     def optimise(weights: dict[int, float], maximize: bool) -> float:
