@@ -52,7 +52,8 @@ FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
 BoolArray = npt.NDArray[np.bool_]
 
-# Half width (in ticks) of the first price window around each node's expected price.
+# Half width (in ticks) of the first price window around each node's expected price
+# (on a radial feeder the estimate's own precision is used instead, unless told otherwise).
 INITIAL_HALF_WIDTH_LEVELS = 4
 # Windows after LP estimates are this many times wider (estimates can be a few ticks off).
 CERTIFY_WIDTH_FACTOR = 2
@@ -502,14 +503,17 @@ def _program(
 def full_group_energy(steps: PriceSteps, layout: _Layout) -> IntArray:
     """Each step's energy if it lies in a group expected fully accepted, else 0."""
     full = layout.group_expected_wh > 0
-    # +1 where such a group starts, -1 where it ends (groups are disjoint and
-    # not empty, so starts are distinct, and so are ends): the running sum is 1 inside.
-    edges = np.zeros(len(steps) + 1, dtype=np.int8)
-    edges[layout.group_first[full]] = 1
-    edges[layout.group_last[full]] -= 1
-    inside = np.cumsum(edges[:-1], dtype=np.int8)
-    energy: IntArray = np.multiply(steps.energy_wh, inside, dtype=np.int64)
-    return energy
+    # Groups are disjoint, not empty and in step order: the steps alternate
+    # between runs outside them and runs inside them.
+    first = layout.group_first[full]
+    bounds = np.empty(2 * len(first) + 2, dtype=np.int64)
+    bounds[0] = 0
+    bounds[1:-1:2] = first
+    bounds[2:-1:2] = layout.group_last[full]
+    bounds[-1] = len(steps)
+    inside = np.repeat(np.resize(np.array([0, 1], dtype=np.int64), len(bounds) - 1), np.diff(bounds))
+    inside *= steps.energy_wh
+    return inside
 
 
 def _implied_levels(
