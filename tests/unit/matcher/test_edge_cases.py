@@ -189,6 +189,49 @@ def test_trades_never_exceed_accepted_buys_plus_sells_minus_one() -> None:
     assert 0 < len(result.trade_energy_wh) <= traded - 1
 
 
+def trade_list(result: ClearingResult) -> list[tuple[str, str, int]]:
+    ids = result.order_ids
+    return [
+        (ids[buyer], ids[seller], energy)
+        for buyer, seller, energy in zip(
+            result.trade_buyer_row.tolist(),
+            result.trade_seller_row.tolist(),
+            result.trade_energy_wh.tolist(),
+            strict=True,
+        )
+    ]
+
+
+def test_where_a_buy_and_a_sell_end_at_the_same_energy_the_next_pair_starts_afresh() -> None:
+    grid = single_node()
+    rows = [
+        ("b1", "n0", "buy", 5, 300_000),
+        ("s1", "n0", "sell", 5, 100_000),
+        ("b2", "n0", "buy", 7, 300_000),
+        ("s2", "n0", "sell", 3, 100_000),
+        ("s3", "n0", "sell", 4, 100_000),
+    ]
+    result = cleared(book(rows, grid), grid)
+    assert trade_list(result) == [("b1", "s1", 5), ("b2", "s2", 3), ("b2", "s3", 4)]
+
+
+def test_trades_add_up_to_each_order_beyond_a_billion_wh_traded() -> None:
+    grid = single_node()
+    rng = np.random.default_rng(11)
+    rows = [
+        (f"o{i}", "n0", "buy" if i % 3 else "sell", int(rng.integers(10**8, 6 * 10**8)), 200_000)
+        for i in range(30)
+    ]
+    result = cleared(book(rows, grid), grid)
+    assert result.traded_wh > 2**31
+    per_order = np.zeros(len(rows), dtype=np.int64)
+    np.add.at(per_order, result.trade_buyer_row, result.trade_energy_wh)
+    np.add.at(per_order, result.trade_seller_row, result.trade_energy_wh)
+    assert per_order.tolist() == result.accepted_wh.tolist()
+    assert bool(np.all(result.trade_energy_wh > 0))
+    assert len(result.trade_energy_wh) <= int(np.count_nonzero(result.accepted_wh)) - 1
+
+
 def utility_grid(capacity_w: int = 4000) -> Grid:
     return grid_from_dict(
         {
