@@ -42,6 +42,7 @@ import itertools
 import json
 import multiprocessing
 import queue
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -410,6 +411,18 @@ class _SqliteBackend(_Backend):
             chunk = rows[i : i + step]
             cursor.execute(self._insert_sql(table, columns, len(chunk)), list(flatten(chunk)))
 
+    def all_totals(self, cursor: Any) -> list[tuple[int, int]]:
+        # Summed by SQLite, whose integer SUM is exact or fails ("integer overflow") once a partial
+        # sum leaves 64 bits; then the totals are summed here.
+        try:
+            cursor.execute(
+                "SELECT COALESCE(SUM(debits_nano), 0), COALESCE(SUM(credits_nano), 0) FROM accounts"
+            )
+            debits, credits = cursor.fetchone()
+        except sqlite3.OperationalError:
+            return super().all_totals(cursor)
+        return [(int(debits), int(credits))]
+
     def write_accounts(
         self, cursor: Any, rows: Sequence[tuple[str, str, int, int]], new_accounts: Sequence[str]
     ) -> None:
@@ -431,8 +444,11 @@ def _array(values: Sequence[str] | Sequence[int]) -> str:
 
 class _PostgresBackend(_Backend):
     placeholder = "%s"
-    # PostgreSQL inserts in its own process while this one builds and hashes the next rows.
-    run_ahead = False
+    # PostgreSQL inserts in its own process; the batch's Python work runs ahead in a helper thread, so
+    # that it goes on while this thread waits for the server at the end of each COPY.
+    run_ahead = True
+    chunks_per_copy = 4
+    """Chunks of transfers per pair of COPYs (transfers, then their chain rows)."""
 
     def lock(self, conn: Connection) -> None:
         # One writer at a time per ledger (schema); readers are not blocked.
@@ -458,26 +474,34 @@ class _PostgresBackend(_Backend):
         )
 
     def write(self, cursor: Any, items: Iterator[BatchItem]) -> _Written:
-        # The transfers go first: their COPY is under way while each chunk is hashed. The chain's rows
-        # are held until it ends (one COPY at a time), and the batch's remaining work (totals,
-        # signature) runs while the server inserts them.
+        # One COPY at a time, and the chain rows of a chunk come after its transfers: so the batch
+        # goes as pairs of COPYs of a few chunks each, the transfers streamed as they are made, their
+        # chain rows held until the transfers' COPY ends. While the server inserts a pair, the helper
+        # makes the next chunks.
+        copy_transfers = f"COPY transfers ({','.join(TRANSFER_COLUMNS)}) FROM STDIN"
+        copy_chain = f"COPY chain ({','.join(CHAIN_COLUMNS)}) FROM STDIN"
         held: list[str] = []
-        with cursor.copy(f"COPY transfers ({','.join(TRANSFER_COLUMNS)}) FROM STDIN") as copy:
-            for kind, payload in items:
-                if kind == "transfers":
-                    copy.write(payload)
-                elif kind == "chain":
-                    held.append(payload)
-                elif kind == "end":
-                    break
-        with cursor.copy(f"COPY chain ({','.join(CHAIN_COLUMNS)}) FROM STDIN") as copy:
-            for block in held:
-                copy.write(block)
-            for kind, payload in items:
-                if kind == "done":
-                    written: _Written = payload
-                    return written
-        raise AssertionError("the batch ended without its final item")
+        stream = iter(items)
+        kind, payload = next(stream)
+        while kind == "transfers":
+            with cursor.copy(copy_transfers) as copy:
+                while kind != "end":
+                    if kind == "transfers":
+                        copy.write(payload)
+                    else:
+                        held.append(payload)
+                        if len(held) >= self.chunks_per_copy:
+                            kind, payload = next(stream)
+                            break
+                    kind, payload = next(stream)
+            with cursor.copy(copy_chain) as copy:
+                for block in held:
+                    copy.write(block)
+                held.clear()
+        while kind != "done":
+            kind, payload = next(stream)
+        written: _Written = payload
+        return written
 
     def insert_rows(
         self, cursor: Any, table: str, columns: Sequence[str], rows: Sequence[tuple[Any, ...]]
