@@ -22,10 +22,12 @@ totals, checks that all balances sum to zero (BalanceInvariantError if not:
 the service must stop), stores the Merkle nodes it completed and ends with a
 signed checkpoint.
 
-The write path is as lean as a bulk insert: the batch is hashed in one Python
-loop, and the rows go to the database in a few statements, multi-row INSERTs
-on SQLite and COPY on PostgreSQL (which inserts while this process hashes).
-The store keeps the chain head, the Merkle frontier and the account totals in
+The write path streams: a settlement's transfers are built in chunks of 256
+in their final order, and each chunk goes to the database (one multi-row
+INSERT per table on SQLite, COPY text on PostgreSQL) while a helper thread
+builds and hashes the next; SQLite releases the GIL while it inserts and
+PostgreSQL inserts in its own process, so with a free core the hashing
+overlaps the inserting. The store keeps the chain head, the Merkle frontier and the account totals in
 memory and re-reads them whenever the database's chain head is not the one it
 last wrote (another writer, or a caller's transaction that rolled back).
 
