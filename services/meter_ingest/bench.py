@@ -29,41 +29,10 @@ from services.meter_ingest.domain.planning import plan_reads
 from services.meter_ingest.domain.readings import MeterReading
 from services.meter_ingest.domain.vee import MeterValidator, limits_from_map
 from services.meter_ingest.maps import load_register_map
+from services.meter_ingest.simulator import spawn_gateways
 
 TARGET_POLLS_PER_S = 1000
 TARGET_MISSED_PCT = 1.0
-
-
-def _start_simulator(
-    map_name: str, per_gateway: int, gateways: int, framer: str
-) -> tuple[subprocess.Popen[str], list[int]]:
-    command = [
-        sys.executable,
-        "-m",
-        "services.cli",
-        "meters",
-        "simulate",
-        "--map",
-        map_name,
-        "--count",
-        str(per_gateway),
-        "--gateways",
-        str(gateways),
-        "--port",
-        "0",
-        "--framer",
-        framer,
-        "--speedup",
-        "1",
-    ]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=dict(os.environ))
-    assert process.stdout is not None
-    line = process.stdout.readline()
-    if not line:
-        process.kill()
-        raise RuntimeError("the meter simulator did not start")
-    ports = [int(p) for p in json.loads(line)["ports"]]
-    return process, ports
 
 
 async def _baseline(
@@ -177,7 +146,7 @@ def run_poll_bench(
     if meters < gateways or meters % gateways:
         raise ValueError(f"--meters {meters} must be a multiple of --gateways {gateways}")
     per_gateway = meters // gateways
-    process, ports = _start_simulator(map_name, per_gateway, gateways, framer)
+    process, ports = spawn_gateways(map_name, per_gateway, gateways, framer=framer)
     try:
         raw = asyncio.run(_baseline(map_name, ports, per_gateway, framer, min(duration_s, 5.0)))
         result = asyncio.run(_poll(map_name, ports, per_gateway, framer, interval_s, warmup_s, duration_s))

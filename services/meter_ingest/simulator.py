@@ -22,14 +22,17 @@ meters simulate` (see `services/meter_ingest/cli.py`).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import struct
+import subprocess
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from enum import StrEnum
-from typing import Any
+from typing import IO, Any
 
 from pymodbus.constants import ExcCodes
 from pymodbus.framer import FramerType
@@ -578,3 +581,41 @@ def profile_meters(
             )
         )
     return meters
+
+
+def spawn_gateways(
+    map_id: str,
+    per_gateway: int,
+    gateways: int,
+    *,
+    framer: str = "socket",
+    speedup: float = 1.0,
+    start_s: float | None = None,
+    anchor_wall_s: float | None = None,
+    first_unit: int | None = None,
+    log: IO[bytes] | None = None,
+    detached: bool = False,
+) -> tuple[subprocess.Popen[bytes], list[int]]:
+    """Start `p2pgrid meters simulate` in a process of its own (profile meters on free ports).
+
+    Returns the process and its gateways' ports once it listens; its stderr goes to `log`. `detached`
+    puts it in a session of its own, so a Ctrl-C in the terminal reaches only its owner, which stops it.
+    Raises RuntimeError if it exits before listening.
+    """
+    command = [sys.executable, "-m", "services.cli", "meters", "simulate", "--map", map_id]
+    command += ["--count", str(per_gateway), "--gateways", str(gateways), "--port", "0"]
+    command += ["--framer", framer, "--speedup", repr(speedup)]
+    if start_s is not None:
+        command += ["--start", repr(start_s)]
+    if anchor_wall_s is not None:
+        command += ["--anchor-wall-s", repr(anchor_wall_s)]
+    if first_unit is not None:
+        command += ["--first-unit", str(first_unit)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, start_new_session=detached)
+    assert process.stdout is not None
+    line = process.stdout.readline()
+    if not line:
+        process.kill()
+        process.wait()
+        raise RuntimeError(f"the meter simulator exited with {process.returncode} before listening")
+    return process, [int(port) for port in json.loads(line)["ports"]]

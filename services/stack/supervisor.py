@@ -68,52 +68,28 @@ class Stack:
         self.meters: MeterGateways | None = None
         self.anchor_wall_s = time.time()
 
-    def start_meters(self, count: int, map_id: str, timeout_s: float = 60.0) -> MeterGateways:
+    def start_meters(self, count: int, map_id: str) -> MeterGateways:
         """Serve `count` simulated household meters on the stack's clock; returns where each one answers."""
+        from services.meter_ingest.simulator import spawn_gateways
+
         gateways = max(1, -(-count // UNITS_PER_GATEWAY))
         per_gateway = -(-count // gateways)
         logs = self.config.workdir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         log_file = logs / "meters.log"
-        command = [
-            sys.executable,
-            "-m",
-            "services.cli",
-            "meters",
-            "simulate",
-            "--map",
-            map_id,
-            "--count",
-            str(per_gateway),
-            "--gateways",
-            str(gateways),
-            "--port",
-            "0",
-            "--first-unit",
-            "1",
-            "--speedup",
-            repr(self.config.speedup),
-            "--start",
-            repr(self.config.sim_start_s),
-            "--anchor-wall-s",
-            repr(self.anchor_wall_s),
-        ]
         with open(log_file, "ab") as log:
-            process = subprocess.Popen(
-                command, stdout=subprocess.PIPE, stderr=log, start_new_session=True, env=dict(os.environ)
+            process, ports = spawn_gateways(
+                map_id,
+                per_gateway,
+                gateways,
+                speedup=self.config.speedup,
+                start_s=self.config.sim_start_s,
+                anchor_wall_s=self.anchor_wall_s,
+                first_unit=1,
+                log=log,
+                detached=True,
             )
-        assert process.stdout is not None
-        deadline = time.monotonic() + timeout_s
-        line = b""
-        while not line and time.monotonic() < deadline and process.poll() is None:
-            line = process.stdout.readline()
-        if not line:
-            process.kill()
-            raise RuntimeError(f"the meter simulator did not start; see {log_file}:\n" + tail(log_file))
-        listening = json.loads(line)
-        self.meters = MeterGateways(
-            process, log_file, map_id, [int(p) for p in listening["ports"]], per_gateway
-        )
+        self.meters = MeterGateways(process, log_file, map_id, ports, per_gateway)
         return self.meters
 
     def database_url(self, service: str) -> str:
