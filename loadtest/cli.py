@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 from loadtest.scenarios import DESCRIPTIONS, METER_FLOOD, SCENARIOS, STEADY
+from services.stack.defaults import DEFAULT_GRID
 
 if TYPE_CHECKING:
     from loadtest.runner import LoadConfig
 
-DEFAULT_GRID = Path(__file__).resolve().parents[1] / "deploy" / "grids" / "lv_feeder.yaml"
 DEFAULT_SPEEDUP = 120.0
 DEFAULT_FLOOD_METERS = 1000
 PROG = "p2pgrid loadtest"

@@ -33,8 +33,9 @@ from services.domain.intervals import Clock
 from services.gen.p2pgrid.meteringest.v1 import meter_ingest_pb2 as pb
 from services.gen.p2pgrid.meteringest.v1 import meter_ingest_pb2_grpc as pb_grpc
 from services.order_book.client import BotKey
+from services.stack.defaults import DEFAULT_METER_MAP
 
-METER_MAP = "eastron_sdm630_v2"
+METER_MAP = DEFAULT_METER_MAP
 # Counters read their base values at this market time and grow with the meter's power from there.
 COUNTER_ORIGIN_S = 1_700_000_000
 PUSH_TIMEOUT_S = 60.0

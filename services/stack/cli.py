@@ -12,12 +12,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from services.domain.intervals import Interval
+from services.stack.defaults import DEFAULT_GRID, DEFAULT_METER_MAP, REPO
 
 if TYPE_CHECKING:
     from services.stack.local_market import LocalMarket
-
-DEFAULT_GRID = "deploy/grids/lv_feeder.yaml"
-DEFAULT_METER_MAP = "eastron_sdm630_v2"
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -36,7 +34,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     parser.add_argument(
         "--grid",
         default="",
-        help=f"network YAML (default {DEFAULT_GRID} of the repository)",
+        help=f"network YAML (default {DEFAULT_GRID.relative_to(REPO)} of the repository)",
     )
     parser.add_argument(
         "--workdir", default="", help="folder for databases, logs and NATS (default: a temporary one)"
@@ -79,8 +77,6 @@ def _bench_day(args: argparse.Namespace) -> int:
     import json
     import time
 
-    from services.stack.local_market import DEFAULT_GRID as default_grid
-
     if args.prosumers <= 0 or args.intervals <= 0 or args.speedup <= 0:
         print(
             "p2pgrid bench day: error: --prosumers, --intervals and --speedup must be positive",
@@ -98,7 +94,7 @@ def _bench_day(args: argparse.Namespace) -> int:
     outcome: dict[str, object] = {}
     began = time.monotonic()
     with contextlib.redirect_stdout(sys.stderr):
-        code = asyncio.run(_run(run_args, default_grid, workdir, outcome))
+        code = asyncio.run(_run(run_args, DEFAULT_GRID, workdir, outcome))
     wall_s = time.monotonic() - began
     figures = {
         "part": "day",
@@ -129,9 +125,7 @@ def run_up(args: argparse.Namespace) -> int:
         return _error("--speedup must be positive")
     if args.prosumers < 0:
         return _error("--prosumers must not be negative")
-    from services.stack.local_market import DEFAULT_GRID as default_grid
-
-    grid_path = Path(args.grid) if args.grid else default_grid
+    grid_path = Path(args.grid) if args.grid else DEFAULT_GRID
     if args.report_dir and Path(args.report_dir).exists() and not Path(args.report_dir).is_dir():
         return _error(f"--report-dir {args.report_dir} exists and is not a folder")
     try:

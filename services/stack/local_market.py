@@ -25,6 +25,7 @@ from pathlib import Path
 from examples.bots.common import BotReport
 from services.domain.grid import Grid, load_grid
 from services.domain.intervals import DEFAULT_GATE_CLOSURE_S, DEFAULT_INTERVAL_S, Interval, SimulatedClock
+from services.stack.defaults import DEFAULT_GRID, DEFAULT_METER_MAP
 from services.stack.market import (
     IntervalSummary,
     MarketProgress,
@@ -36,9 +37,6 @@ from services.stack.market import (
 )
 from services.stack.supervisor import Stack, StackConfig
 
-REPO = Path(__file__).resolve().parents[2]
-DEFAULT_GRID = REPO / "deploy" / "grids" / "lv_feeder.yaml"
-DEFAULT_METER_MAP = "eastron_sdm630_v2"
 # Simulated seconds between two polls of a meter (at least one wall second, at most five).
 POLL_SPACING_SIM_S = 150.0
 LEDGER_METERING_DELAY_S = 900
@@ -125,7 +123,6 @@ class LocalMarket:
         self.stop_event = asyncio.Event()
         self._bots: list[asyncio.Task[object]] = []
         self._follower: asyncio.Task[None] | None = None
-        self.bot_failures: list[str] = []
         # Filled by close(): every order a bot holds a receipt for, order id → interval start.
         self.acknowledged: dict[str, int] = {}
 
@@ -194,7 +191,6 @@ class LocalMarket:
         if self.stop_event.is_set() or task.cancelled():
             return
         error = task.exception()
-        self.bot_failures.append(f"{task.get_name()}: {error!r}")
         self.say(f"! bot {task.get_name()} stopped: {error!r}")
 
     def next_intervals(self, count: int) -> list[int]:
@@ -251,14 +247,13 @@ class LocalMarket:
     def lost_orders(self, wanted: list[int]) -> tuple[int, list[str]]:
         """(orders the bots hold receipts for in the cleared wanted intervals, those missing from their
         interval's clearing result); valid after `stop_trading()`."""
-        held = [
-            (order_id, start_s)
-            for order_id, start_s in sorted(self.acknowledged.items())
-            if start_s in wanted and self.progress.summary(start_s).cleared
-        ]
-        lost = [
-            order_id for order_id, start_s in held if order_id not in self.progress.summary(start_s).order_ids
-        ]
+        cleared = {
+            start_s: summary.order_ids
+            for start_s, summary in self.progress.intervals.items()
+            if start_s in wanted and summary.cleared
+        }
+        held = [(order_id, start_s) for order_id, start_s in self.acknowledged.items() if start_s in cleared]
+        lost = sorted(order_id for order_id, start_s in held if order_id not in cleared[start_s])
         return len(held), lost
 
 
