@@ -15,7 +15,12 @@ in one run:
   flight: `orders_per_s` and latency percentiles;
 - `unary_baseline`: as many GetParticipant calls (authenticated, nothing
   stored) at the same concurrency: what one gRPC call costs on this machine
-  in this run, the ceiling for the single-order phase.
+  in this run, the ceiling for the single-order phase;
+- `null_server_ceiling`: the single-order phase's requests, by the same
+  client at the same concurrency, to a gRPC server in its own process that
+  answers every call with an empty message and does nothing else (grpc's
+  thread-pool server, the cheaper of its two Python servers): the ceiling of
+  any Python gRPC server on this machine with the client beside it.
 
 `server_cpu_us_per_order` is the order book process's CPU time (all
 threads) per order, which varies less than rates on a shared machine.
@@ -34,7 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -54,6 +59,8 @@ NODE = "n1"
 PLACE_ORDER = "/p2pgrid.orderbook.v1.OrderBook/PlaceOrder"
 PLACE_ORDERS = "/p2pgrid.orderbook.v1.OrderBook/PlaceOrders"
 GET_PARTICIPANT = "/p2pgrid.orderbook.v1.OrderBook/GetParticipant"
+NULL_SERVICE = "p2pgrid.bench.v1.Null"
+NULL_CALL = f"/{NULL_SERVICE}/Call"
 
 
 def _line(**fields: Any) -> None:
@@ -190,31 +197,36 @@ async def _batch_phase(
     return accepted, elapsed_s
 
 
-async def _single_phase(
-    target: str, keys: Sequence[BotKey], orders: Sequence[pb.PlaceOrderRequest], in_flight: int
-) -> tuple[int, float, list[float]]:
-    tokens = {i: (("authorization", f"Bearer {k.token(lifetime_s=3600)}"),) for i, k in enumerate(keys)}
-    payloads = [(tokens[i % len(keys)], order.SerializeToString()) for i, order in enumerate(orders)]
+Payload = tuple[tuple[tuple[str, str], ...], bytes]
+
+
+async def _timed_calls(
+    target: str,
+    method: str,
+    deserializer: Callable[[bytes], Any] | None,
+    payloads: Sequence[Payload],
+    in_flight: int,
+) -> tuple[float, list[float]]:
+    """Unary calls of pre-serialised requests, `in_flight` at a time: elapsed seconds and each call's latency."""
     latencies_s: list[float] = []
     async with grpc.aio.insecure_channel(target) as channel:
-        call = channel.unary_unary(
-            PLACE_ORDER, request_serializer=None, response_deserializer=pb.OrderReceipt.FromString
-        )
+        call = channel.unary_unary(method, request_serializer=None, response_deserializer=deserializer)
         queue = iter(payloads)
 
-        async def worker() -> int:
-            count = 0
+        async def worker() -> None:
             for metadata, payload in queue:
                 t0 = time.perf_counter()
                 await call(payload, metadata=metadata, timeout=30)
                 latencies_s.append(time.perf_counter() - t0)
-                count += 1
-            return count
 
         started = time.perf_counter()
-        accepted = sum(await asyncio.gather(*(worker() for _ in range(in_flight))))
-        elapsed_s = time.perf_counter() - started
-    return accepted, elapsed_s, latencies_s
+        await asyncio.gather(*(worker() for _ in range(in_flight)))
+        return time.perf_counter() - started, latencies_s
+
+
+def _single_payloads(keys: Sequence[BotKey], orders: Sequence[pb.PlaceOrderRequest]) -> list[Payload]:
+    tokens = {i: (("authorization", f"Bearer {k.token(lifetime_s=3600)}"),) for i, k in enumerate(keys)}
+    return [(tokens[i % len(keys)], order.SerializeToString()) for i, order in enumerate(orders)]
 
 
 def _cpu_s(pid: int) -> float:
@@ -226,26 +238,76 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def _unary_baseline(target: str, key: BotKey, calls: int, in_flight: int) -> tuple[float, list[float]]:
-    """GetParticipant (authenticated, no storage) at the same concurrency: this machine's ceiling for a call."""
+def _getparticipant_payloads(key: BotKey, calls: int) -> list[Payload]:
+    """GetParticipant (authenticated, no storage) at the same concurrency: what one of the book's calls costs."""
     metadata = (("authorization", f"Bearer {key.token(lifetime_s=3600)}"),)
     payload = pb.GetParticipantRequest().SerializeToString()
-    latencies_s: list[float] = []
-    async with grpc.aio.insecure_channel(target) as channel:
-        call = channel.unary_unary(
-            GET_PARTICIPANT, request_serializer=None, response_deserializer=pb.Participant.FromString
+    return [(metadata, payload)] * calls
+
+
+def serve_null(port_file: str) -> None:
+    """A gRPC server that answers every call with an empty message and does no work at all.
+
+    It uses grpc's thread-pool server, the cheaper of grpc's two Python
+    servers per call on two cores, so its rate is the ceiling of any Python
+    gRPC server on this machine with this client beside it.
+    """
+    from concurrent import futures
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+    handler = grpc.unary_unary_rpc_method_handler(lambda _request, _context: b"")
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(NULL_SERVICE, {"Call": handler}),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    Path(port_file).write_text(str(port))
+    server.wait_for_termination()
+
+
+def start_null_server(workdir: Path) -> tuple[subprocess.Popen[bytes], int]:
+    port_file = workdir / "null_server.port"
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"from services.order_book.bench import serve_null; serve_null({str(port_file)!r})",
+        ],
+        env=env_without_proxy(),
+    )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if port_file.exists() and port_file.read_text():
+            return process, int(port_file.read_text())
+        if process.poll() is not None:
+            raise RuntimeError(f"the null gRPC server exited with {process.returncode}")
+        time.sleep(0.05)
+    process.kill()
+    raise RuntimeError("the null gRPC server did not start within 30 s")
+
+
+def _null_ceiling(workdir: Path, orders: Sequence[pb.PlaceOrderRequest], in_flight: int) -> dict[str, Any]:
+    """The single-order phase's requests sent to a server that does nothing, by the same client."""
+    process, port = start_null_server(workdir)
+    try:
+        cpu_before_s = _cpu_s(process.pid)
+        payloads = [((), order.SerializeToString()) for order in orders]
+        elapsed_s, latencies = asyncio.run(
+            _timed_calls(f"127.0.0.1:{port}", NULL_CALL, None, payloads, in_flight)
         )
-        remaining = iter(range(calls))
-
-        async def worker() -> None:
-            for _ in remaining:
-                t0 = time.perf_counter()
-                await call(payload, metadata=metadata, timeout=30)
-                latencies_s.append(time.perf_counter() - t0)
-
-        started = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(in_flight)))
-        return time.perf_counter() - started, latencies_s
+        cpu_s = _cpu_s(process.pid) - cpu_before_s
+    finally:
+        process.kill()
+        process.wait()
+    return {
+        "bench": "orders",
+        "phase": "null_server_ceiling",
+        "server": "grpc thread-pool server answering every call with an empty message, no work",
+        "in_flight": in_flight,
+        "calls": len(latencies),
+        "calls_per_s": round(len(latencies) / elapsed_s),
+        "p50_ms": _percentile_ms(latencies, 0.50),
+        "p99_ms": _percentile_ms(latencies, 0.99),
+        "server_cpu_us_per_call": round(cpu_s / max(1, len(latencies)) * 1e6, 1),
+    }
 
 
 def _percentile_ms(values: Sequence[float], q: float) -> float:
@@ -325,9 +387,16 @@ def _run(args: argparse.Namespace, database_url: str) -> int:
                     server_cpu_us_per_order=round(batch_cpu_s / max(1, accepted) * 1e6, 1),
                 )
                 cpu_before_s = _cpu_s(process.pid)
-                accepted_single, elapsed_single_s, latencies = asyncio.run(
-                    _single_phase(target, keys, single_orders, args.in_flight)
+                elapsed_single_s, latencies = asyncio.run(
+                    _timed_calls(
+                        target,
+                        PLACE_ORDER,
+                        pb.OrderReceipt.FromString,
+                        _single_payloads(keys, single_orders),
+                        args.in_flight,
+                    )
                 )
+                accepted_single = len(latencies)
                 single_cpu_s = _cpu_s(process.pid) - cpu_before_s
                 _line(
                     bench="orders",
@@ -346,7 +415,13 @@ def _run(args: argparse.Namespace, database_url: str) -> int:
                 )
                 cpu_before_s = _cpu_s(process.pid)
                 baseline_s, baseline_latencies = asyncio.run(
-                    _unary_baseline(target, keys[0], args.single_orders, args.in_flight)
+                    _timed_calls(
+                        target,
+                        GET_PARTICIPANT,
+                        pb.Participant.FromString,
+                        _getparticipant_payloads(keys[0], args.single_orders),
+                        args.in_flight,
+                    )
                 )
                 baseline_cpu_s = _cpu_s(process.pid) - cpu_before_s
                 _line(
@@ -360,6 +435,7 @@ def _run(args: argparse.Namespace, database_url: str) -> int:
                     p99_ms=_percentile_ms(baseline_latencies, 0.99),
                     server_cpu_us_per_call=round(baseline_cpu_s / max(1, args.single_orders) * 1e6, 1),
                 )
+                _line(**_null_ceiling(workdir, single_orders, args.in_flight))
                 stored = _stored_orders(database_url)
                 _line(bench="orders", phase="check", stored=stored, acknowledged=accepted + accepted_single)
                 if stored != accepted + accepted_single:
