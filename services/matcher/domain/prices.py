@@ -25,8 +25,12 @@ Where this leaves a choice, the rule is:
   range. Each node's price is then rounded half to even to a whole micro,
   which keeps it inside its node's interval (whose ends are whole ticks).
 
-The small LPs of the congested case (lambda and one variable per binding
-line and direction) are re-solved by GLOP with changed objectives.
+Usually the nodes with a partly accepted step (a single admissible price)
+already determine lambda and every mu: then that solution, if it fits every
+other node and every line's direction, is the only candidate, and the rule
+chooses it without solving anything. Otherwise the small LPs of the
+congested case (lambda and one variable per binding line and direction) are
+re-solved by GLOP with changed objectives.
 """
 
 from __future__ import annotations
@@ -52,6 +56,8 @@ _NO_BOUND = np.iinfo(np.int64).max // 4
 # (GLOP's answers are good to about 1e-6 of the numbers involved; if a later LP
 # of the sequence turns infeasible, the room grows.)
 _FIX_ROOMS = (1e-6, 1e-4)
+# How far (in ticks) pinned prices may miss an interval or a direction (floating-point dust).
+_PINNED_TOLERANCE_LEVELS = 1e-6
 # GLOP's presolve can misjudge these tiny LPs with nearly fixed rows as infeasible.
 _PRICE_LP_PARAMETERS = "use_preprocessing:false"
 
@@ -125,6 +131,9 @@ def set_prices(
         )
     if not binding_lines.size:
         raise ClearingError("the allocation admits no single price although no line binds")
+    pinned = _pinned_prices(grid, low, high, bounded_low, bounded_high, flows_wh, binding_lines, tick)
+    if pinned is not None:
+        return pinned
     for room in _FIX_ROOMS:
         try:
             return _congested_prices(
@@ -154,6 +163,74 @@ def _dual_prices(
         prices, np.where(bounded_low, low * tick, prices), np.where(bounded_high, high * tick, prices)
     )
     return NodePrices(prices.astype(np.int64), mu * tick, float(node_level[0] * tick))
+
+
+def _pinned_prices(
+    grid: Grid,
+    low: IntArray,
+    high: IntArray,
+    bounded_low: BoolArray,
+    bounded_high: BoolArray,
+    flows_wh: FloatArray,
+    binding_lines: IntArray,
+    tick: int,
+) -> NodePrices | None:
+    """The congested rule's prices when the nodes with one admissible price pin lambda and every mu.
+
+    At a vertex of the clearing LP, as many nodes as there are unknowns
+    (lambda and one mu per binding line) usually have a partly accepted step,
+    so their prices are fixed. If those equations determine the unknowns and
+    the solution fits every other node's interval and every line's direction,
+    it is the only equilibrium of that form, so every step of the rule
+    chooses it. None otherwise (the small LPs decide).
+    """
+    ptdf = grid.ptdf()
+    fixed = bounded_low & bounded_high & (low == high)
+    unknowns = 1 + len(binding_lines)
+    if int(np.count_nonzero(fixed)) < unknowns:
+        return None
+    # Node n: lambda - sum_l PTDF[l, n] mu_l = its price.
+    rows = np.empty((len(low), unknowns))
+    rows[:, 0] = 1.0
+    rows[:, 1:] = -ptdf[binding_lines].T
+    solution, _, rank, _ = np.linalg.lstsq(rows[fixed], low[fixed].astype(np.float64), rcond=None)
+    if rank < unknowns:
+        return None
+    levels = rows @ solution
+    if np.any(np.abs(levels[fixed] - low[fixed]) > _PINNED_TOLERANCE_LEVELS):
+        return None
+    if np.any(bounded_low & (levels < low - _PINNED_TOLERANCE_LEVELS)) or np.any(
+        bounded_high & (levels > high + _PINNED_TOLERANCE_LEVELS)
+    ):
+        return None
+    flows = flows_wh[binding_lines]
+    direction = np.where(np.abs(flows) <= FLOW_TOLERANCE_WH, 0.0, np.sign(flows))
+    if np.any(direction * solution[1:] < -_PINNED_TOLERANCE_LEVELS):
+        return None
+    mu = np.zeros(len(grid.lines))
+    mu[binding_lines] = [_snap(value) for value in solution[1:].tolist()]
+    return _node_prices(ptdf, _snap(float(solution[0])), mu, low, high, bounded_low, bounded_high, tick)
+
+
+def _node_prices(
+    ptdf: FloatArray,
+    lambda_value: float,
+    mu: FloatArray,
+    low: IntArray,
+    high: IntArray,
+    bounded_low: BoolArray,
+    bounded_high: BoolArray,
+    tick: int,
+) -> NodePrices:
+    """Whole-micro node prices from lambda and mu (in ticks)."""
+    levels = lambda_value - ptdf.T @ mu
+    prices = _round_half_even(levels * tick)
+    # Rounding to whole micro keeps a price inside its node's interval of whole ticks;
+    # clipping only removes floating-point dust at the ends.
+    prices = np.clip(
+        prices, np.where(bounded_low, low * tick, prices), np.where(bounded_high, high * tick, prices)
+    )
+    return NodePrices(prices.astype(np.int64), mu * tick, lambda_value * tick)
 
 
 def _congested_prices(
@@ -271,14 +348,7 @@ def _congested_prices(
             for column, sign in columns.items():
                 fixed.SetCoefficient(nu[column - 1], sign)
         mu[line] = value
-    levels = lambda_value - ptdf.T @ mu
-    prices = _round_half_even(levels * tick)
-    # Rounding to whole micro keeps a price inside its node's interval of whole ticks;
-    # clipping only removes floating-point dust at the ends.
-    prices = np.clip(
-        prices, np.where(bounded_low, low * tick, prices), np.where(bounded_high, high * tick, prices)
-    )
-    return NodePrices(prices.astype(np.int64), mu * tick, lambda_value * tick)
+    return _node_prices(ptdf, lambda_value, mu, low, high, bounded_low, bounded_high, tick)
 
 
 def _snap(value: float) -> float:
