@@ -22,9 +22,12 @@ variables of their own; the steps outside are merged into groups.
 
 1. Estimate where each node's price lies. On a radial feeder, from the
    subtrees' supply curves (`radial_levels`, exact up to a bucket of levels);
-   otherwise by a round or two of the LP with each group priced at its
+   otherwise by a round of the LP with each group priced at its
    volume-weighted mean (an approximation of the book), starting from the
-   price at which the whole book's supply and demand cross.
+   price at which the whole book's supply and demand cross, and then by
+   Newton's method on the nodes' own supply and demand curves with that
+   LP's binding lines (`refine_levels`, within a level or two), or, if that
+   does not settle, a second such LP round.
 2. Certify: groups are priced at their worst case for the expected outcome
    (buys above and sells below a window expected accepted, the others
    rejected: the group's step nearest the window). If every group ends at
@@ -39,6 +42,7 @@ The estimates only decide how fast this goes, never what the result is.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -70,6 +74,20 @@ MAX_DENSE_CURVE_CELLS = 4_000_000
 # Buckets of at most this many levels are summed from the aggregation's level table.
 _SUMMED_BUCKET_LEVELS = 8
 _NO_LEVEL = np.iinfo(np.int64).max // 4
+# Refining an LP estimate with the book's own curves (meshed networks): the
+# slopes are taken over this many levels on each side, Newton's method stops
+# once no price moves by more than the tolerance, and gives up (the LP
+# estimates again) after so many steps or changes of the binding lines.
+REFINE_SLOPE_LEVELS = 2
+REFINE_TOLERANCE_LEVELS = 0.5
+# After half the steps, prices circling within this many levels count as settled.
+REFINE_CIRCLE_LEVELS = 4
+REFINE_MAX_STEPS = 12
+REFINE_MAX_LINE_CHANGES = 4
+# No price moves by more than this in one step of the method (a trust region).
+REFINE_MAX_MOVE_LEVELS = 32
+# A line joins the binding ones when its flow exceeds its limit by more than this share.
+REFINE_OVERLOAD_SHARE = 1e-4
 # Rounds of estimating where the windows belong; then rounds of certifying
 # (windows only grow); after the last, every step is a variable of its own.
 ESTIMATE_ROUNDS = 2
@@ -177,6 +195,24 @@ def solve_steps(
         if bool(np.all(moved <= half_width / 2)):
             moved[:] = 0
             break
+        # On a meshed network the first LP's binding lines and prices are a
+        # good start for Newton's method on the book's own curves, which
+        # replaces further estimating rounds when it settles.
+        refined = (
+            None
+            if grid.is_radial or rounds > 1
+            else refine_levels(
+                steps,
+                grid,
+                limits_wh,
+                centre + solution.duals[:node_count],
+                solution.duals[node_count + 1 : node_count + 1 + line_count],
+            )
+        )
+        if refined is not None:
+            target = np.clip(np.rint(refined[0]), level_min, level_max).astype(np.int64)
+            moved = refined[1]
+            break
     # Certify: groups at their worst case; windows only grow until every group
     # ends at its expected bound. A node whose estimate still moved in the last
     # round gets a window as wide as that move.
@@ -216,6 +252,92 @@ def solve_steps(
     return StepSolution(
         solution.values[:window_count], layout, node_level, shadow, flows, rounds, len(program.lower)
     )
+
+
+def refine_levels(
+    steps: PriceSteps, grid: Grid, limits_wh: FloatArray, node_level: FloatArray, shadow_level: FloatArray
+) -> tuple[FloatArray, FloatArray] | None:
+    """Node prices (ticks) where the book's own curves balance with the estimate's binding lines at their limits.
+
+    Each node's net injection E_n(p) (supply at or below p minus demand at or
+    above p) is made continuous by sweeping the jump at each level linearly
+    over the half levels around it. With the lines B that bind in the LP
+    estimate, in their directions s_l, prices are pi = lambda - PTDF_B^T mu_B
+    and Newton's method solves sum_n E_n(pi_n) = 0 and PTDF_B E(pi) = s L_B
+    for lambda and mu_B (slopes averaged over a few levels, the curves being
+    steps; no price moves more than a bounded distance per step). A line
+    whose mu turns against its direction leaves B; once the prices settle,
+    the most overloaded line joins it, until none is. Returns the prices and
+    how far each moved in the last step (on sparse curves the method can
+    circle within a few levels), or None if that does not settle within a
+    few steps (the LP estimates again instead).
+    """
+    node_count = len(grid.nodes)
+    ptdf = grid.ptdf()
+    lines = np.flatnonzero(np.abs(shadow_level) > DUAL_TOLERANCE_LEVELS)
+    # Prices are v @ rows with v = (lambda, -mu_B) and rows = (1; PTDF_B);
+    # the residuals rows @ E(prices) - target have the Jacobian rows diag(slope) rows^T.
+    unknowns = np.concatenate(([float(node_level[grid.slack_index])], -shadow_level[lines]))
+    rows = np.vstack((np.ones(node_count), ptdf[lines]))
+    target = np.concatenate(([0.0], np.sign(shadow_level[lines]) * limits_wh[lines]))
+    base = steps.base_level
+    span = steps.key_span
+    prefix = steps.energy_prefix
+    step_key = steps.step_key
+    # Keys of each node's sell and buy segment (a level's offset is added).
+    segment_key = (2 * np.arange(node_count) + np.array([[0], [1]])) * span
+    sell_start = prefix[steps.segment_start[0:-1:2]]
+    buy_end = prefix[steps.segment_start[2::2]]
+    # Levels k, k + 1 (the jump being swept) and k - h, k + h + 1 (the slope's ends).
+    width = REFINE_SLOPE_LEVELS
+    offsets = np.array([0, 1, -width, width + 1], dtype=np.int64)[:, None] - base
+    least_slope = 1e-9 * max(1.0, float(prefix[-1]))
+    changes = 0
+    for count in range(REFINE_MAX_STEPS):
+        prices = unknowns @ rows
+        level = np.floor(prices + 0.5)
+        swept = prices + 0.5 - level
+        # A(k) = supply below k minus demand at or above k, for each offset and node.
+        offset = np.minimum(np.maximum(level.astype(np.int64) + offsets, 0), span)
+        counted = prefix[np.searchsorted(step_key, offset[:, None, :] + segment_key)]
+        below = ((counted[:, 0] - sell_start) - (buy_end - counted[:, 1])).astype(np.float64)
+        injection = below[0] + swept * (below[1] - below[0])
+        slope = np.maximum((below[3] - below[2]) * (1.0 / (2 * width + 1)), least_slope)
+        try:
+            step = np.linalg.solve((rows * slope) @ rows.T, rows @ injection - target)
+        except np.linalg.LinAlgError:
+            return None
+        move = step @ rows
+        largest = float(np.abs(move).max())
+        if not math.isfinite(largest):
+            return None
+        if largest > REFINE_MAX_MOVE_LEVELS:
+            step *= REFINE_MAX_MOVE_LEVELS / largest
+            move *= REFINE_MAX_MOVE_LEVELS / largest
+        unknowns -= step
+        # mu_l = -v_l must have its line's direction (the sign of target_l).
+        against = unknowns[1:] * target[1:]
+        if (against > 0).any():
+            keep = np.arange(len(unknowns)) != 1 + int(np.argmax(against))
+            lines, unknowns, rows, target = lines[keep[1:]], unknowns[keep], rows[keep], target[keep]
+        elif largest <= (REFINE_TOLERANCE_LEVELS if 2 * count < REFINE_MAX_STEPS else REFINE_CIRCLE_LEVELS):
+            # (A meshed network has lines.)
+            flows = ptdf @ injection
+            overload = np.abs(flows) - limits_wh * (1 + REFINE_OVERLOAD_SHARE)
+            overload[lines] = 0.0
+            worst = int(np.argmax(overload))
+            if overload[worst] <= 0:
+                return unknowns @ rows, np.abs(move)
+            lines = np.append(lines, worst)
+            unknowns = np.append(unknowns, 0.0)
+            rows = np.vstack((rows, ptdf[worst]))
+            target = np.append(target, np.sign(flows[worst]) * limits_wh[worst])
+        else:
+            continue
+        changes += 1
+        if changes > REFINE_MAX_LINE_CHANGES:
+            return None
+    return None
 
 
 def radial_levels(steps: PriceSteps, grid: Grid, limits_wh: FloatArray) -> tuple[FloatArray, int] | None:
