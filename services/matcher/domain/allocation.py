@@ -11,7 +11,11 @@ refined by a small LP over the marginal steps alone:
     subject to 0 <= z_j <= Q_j, the energy balance, |flow_l| <= L_l,
                and flow_l = +-L_l on every line with a non-zero shadow price
 
-(the last rows keep welfare at its optimum).
+(the last rows keep welfare at its optimum). When the balance and the
+lines held at their limits already determine each node's net marginal
+energy (as many independent equations as nodes with marginal steps, typical
+at a vertex of a congested meshed network), only a node's own marginal buy
+and sell can grow together, and the answer is written down instead.
 
 Integer energy: the step LP on a single node or a radial feeder has a totally
 unimodular matrix (each line's flow is the net injection of a subtree), so
@@ -183,11 +187,17 @@ def _integer_allocation(
     ).astype(np.float64)
     shadow = solution.line_shadow_level
     binding_direction = np.where(np.abs(shadow) > DUAL_TOLERANCE_LEVELS, np.sign(shadow), 0.0)
-    # More volume needs a marginal buy and a marginal sell that both have room.
+    # More volume needs a marginal buy and a marginal sell that both have room,
+    # and an optimal face that is more than the LP's one point.
     room = energy[marginal_steps] - z > VALUE_TOLERANCE_WH
     marginal_buys = steps.is_buy[marginal_steps]
     if (room & marginal_buys).any() and (room & ~marginal_buys).any():
-        z = _most_volume(steps, grid, marginal_steps, fixed_injection, limits, binding_direction, fallback=z)
+        pinned = _volume_on_a_pinned_face(steps, grid, marginal_steps, binding_direction, z)
+        z = (
+            _most_volume(steps, grid, marginal_steps, fixed_injection, limits, binding_direction, fallback=z)
+            if pinned is None
+            else pinned
+        )
 
     injection = fixed_injection + np.bincount(
         steps.node[marginal_steps], weights=marginal_sign * z, minlength=node_count
@@ -218,6 +228,38 @@ def _integer_allocation(
     if tightened:
         method = f"tightened, {method}"
     return Allocation(accepted, flows, binding, limits, method, solution)
+
+
+def _volume_on_a_pinned_face(
+    steps: PriceSteps, grid: Grid, marginal_steps: IntArray, binding_direction: FloatArray, z: FloatArray
+) -> FloatArray | None:
+    """The volume rule's answer when the balance and the held lines fix every node's net marginal energy.
+
+    Every optimum keeps the balance and the lines with a shadow price at their
+    limits. If those equations determine the net injection of each node with
+    marginal steps, only a node's own marginal buy and sell can still grow
+    together (at most one of each per node, both at its price): the most
+    volume is the buy at min(Q_buy, Q_sell - net), the sell at buy + net.
+    None if the nets are not determined (the LP decides).
+    """
+    node_of = steps.node[marginal_steps]
+    nodes, position = np.unique(node_of, return_inverse=True)
+    held = grid.ptdf()[binding_direction != 0][:, nodes]
+    if np.linalg.matrix_rank(np.vstack((np.ones(len(nodes)), held))) < len(nodes):
+        return None
+    sign = steps.sign_of(marginal_steps)
+    net = np.bincount(position, weights=sign * z, minlength=len(nodes))
+    energy = steps.energy_wh[marginal_steps].astype(np.float64)
+    is_buy = steps.is_buy[marginal_steps]
+    buy_energy = np.zeros(len(nodes))
+    sell_energy = np.zeros(len(nodes))
+    buy_energy[position[is_buy]] = energy[is_buy]
+    sell_energy[position[~is_buy]] = energy[~is_buy]
+    paired = np.zeros(len(nodes), dtype=bool)
+    paired[position[is_buy]] = True
+    paired &= np.isin(np.arange(len(nodes)), position[~is_buy])
+    bought = np.minimum(buy_energy, sell_energy - net)
+    return np.where(paired[position], np.where(is_buy, bought[position], bought[position] + net[position]), z)
 
 
 def _most_volume(
