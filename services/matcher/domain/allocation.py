@@ -242,22 +242,19 @@ def _volume_on_a_pinned_face(
     volume is the buy at min(Q_buy, Q_sell - net), the sell at buy + net.
     None if the nets are not determined (the LP decides).
     """
-    node_of = steps.node[marginal_steps]
-    nodes, position = np.unique(node_of, return_inverse=True)
-    held = grid.ptdf()[binding_direction != 0][:, nodes]
-    if np.linalg.matrix_rank(np.vstack((np.ones(len(nodes)), held))) < len(nodes):
+    nodes, position = np.unique(steps.node[marginal_steps], return_inverse=True)
+    held = binding_direction != 0
+    if len(nodes) > 1 + int(np.count_nonzero(held)):
         return None
-    sign = steps.sign_of(marginal_steps)
-    net = np.bincount(position, weights=sign * z, minlength=len(nodes))
-    energy = steps.energy_wh[marginal_steps].astype(np.float64)
+    if np.linalg.matrix_rank(np.vstack((np.ones(len(nodes)), grid.ptdf()[held][:, nodes]))) < len(nodes):
+        return None
     is_buy = steps.is_buy[marginal_steps]
-    buy_energy = np.zeros(len(nodes))
-    sell_energy = np.zeros(len(nodes))
-    buy_energy[position[is_buy]] = energy[is_buy]
-    sell_energy[position[~is_buy]] = energy[~is_buy]
-    paired = np.zeros(len(nodes), dtype=bool)
-    paired[position[is_buy]] = True
-    paired &= np.isin(np.arange(len(nodes)), position[~is_buy])
+    energy = steps.energy_wh[marginal_steps].astype(np.float64)
+    net = np.bincount(position, weights=np.where(is_buy, -z, z), minlength=len(nodes))
+    buy_energy = np.bincount(position, weights=np.where(is_buy, energy, 0.0), minlength=len(nodes))
+    sell_energy = np.bincount(position, weights=np.where(is_buy, 0.0, energy), minlength=len(nodes))
+    # A node with two marginal steps has one of each side.
+    paired = np.bincount(position, minlength=len(nodes)) == 2
     bought = np.minimum(buy_energy, sell_energy - net)
     return np.where(paired[position], np.where(is_buy, bought[position], bought[position] + net[position]), z)
 
