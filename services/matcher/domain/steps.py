@@ -29,10 +29,10 @@ IntArray = npt.NDArray[np.int64]
 BoolArray = npt.NDArray[np.bool_]
 
 # Dense aggregation (a bincount over node x side x price level) is used while
-# its table stays within this many cells per order (or 2**16 in all);
+# its table stays within this many cells per order (or 2**18 in all, 2 MB);
 # beyond that (very wide price ranges) a sort-based grouping takes over.
 _DENSE_CELLS_PER_ORDER = 16
-_DENSE_CELLS_MIN = 1 << 16
+_DENSE_CELLS_MIN = 1 << 18
 
 
 @dataclass(frozen=True, eq=False)
