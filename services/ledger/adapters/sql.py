@@ -23,13 +23,17 @@ the service must stop), stores the Merkle nodes it completed and ends with a
 signed checkpoint.
 
 The write path streams: a settlement's transfers are built in chunks of 256
-in their final order, and each chunk goes to the database (one multi-row
-INSERT per table on SQLite, COPY text on PostgreSQL) while a helper thread
-builds and hashes the next; SQLite releases the GIL while it inserts and
-PostgreSQL inserts in its own process, so with a free core the hashing
-overlaps the inserting. The store keeps the chain head, the Merkle frontier and the account totals in
-memory and re-reads them whenever the database's chain head is not the one it
-last wrote (another writer, or a caller's transaction that rolled back).
+in their final order, and a helper thread makes the rows while this thread
+inserts them: first the transfers, chunk by chunk (multi-row INSERTs on
+SQLite, one COPY on PostgreSQL); then the account totals; then the chain
+rows, which the database makes from the transfers just inserted and the
+chunk's hashes passed as two byte strings, chunk by chunk as they are hashed.
+SQLite releases the GIL while it inserts and PostgreSQL inserts in its own
+process, so with a free core the building and hashing overlap the
+inserting. The store keeps the chain head, the Merkle frontier and the
+account totals in memory and re-reads them whenever the database's chain
+head is not the one it last wrote (another writer, or a caller's transaction
+that rolled back).
 
 The database refuses UPDATE and DELETE on the append-only tables (triggers
 created by the migration), and `verify` re-derives everything from the rows,
@@ -72,7 +76,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from services.domain.intervals import Clock, RealClock
 from services.ledger.domain.audit import AuditReport, LedgerAuditor, RangeResult, VerificationError
-from services.ledger.domain.chain import hash_batch
+from services.ledger.domain.chain import chain_heads, leaf_hashes
 from services.ledger.domain.checkpoint import NO_PREVIOUS, Checkpoint, sign_checkpoint
 from services.ledger.domain.ledger import (
     AccountTotals,
@@ -288,11 +292,12 @@ class TransferNotFoundError(LedgerError, LookupError):
 # --------------------------------------------------------------------------- database specifics
 
 CHUNK_TRANSFERS = 256
-"""Transfers per chunk on their way to the database: one multi-row INSERT per table on SQLite."""
+"""Transfers per chunk on their way to the database: one multi-row INSERT per chunk on SQLite."""
 
 BatchItem = tuple[str, Any]
-"""What the batch's Python work hands to the database, in order: ("transfers", rows), ("chain", rows)
-for each chunk, ("end", None) after the last chunk, then ("done", _Written)."""
+"""What the batch's Python work hands to the database, in order: ("transfers", rows) for each chunk,
+("accounts", (rows, new accounts)) once every transfer is made, ("chain", rows) for each chunk once
+it is hashed, then ("done", _Written)."""
 
 
 @dataclass(slots=True)
@@ -304,30 +309,33 @@ class _Written:
     frontier: MerkleFrontier
     completed: list[tuple[int, int, bytes]]
     totals: Mapping[str, AccountTotals]
-    new_accounts: Sequence[str]
-    """The accounts among `totals` that did not exist before the batch."""
     checkpoint: Checkpoint
+
+
+def _account_rows(totals: Mapping[str, AccountTotals]) -> list[tuple[str, str, int, int]]:
+    """(id, kind, debits, credits) of each account in `totals`."""
+    return [(a, a[: a.index(":")], t.debits_nano, t.credits_nano) for a, t in totals.items()]
 
 
 class _Backend:
     """The statements that differ between SQLite and PostgreSQL, on the raw driver cursor."""
 
     placeholder = "?"
-    run_ahead = False
-    """Run the batch's Python work in a helper thread, ahead of the inserts (see `_run_ahead`)."""
 
     def lock(self, conn: Connection) -> None:
         """Serialise writers; on SQLite the transaction's BEGIN IMMEDIATE already did."""
 
     def transfer_rows(self, first_seq: int, chunk: Sequence[Transfer]) -> Any:
         """A chunk of transfers in the form `write` inserts."""
-        return [(seq, *t) for seq, t in zip(itertools.count(first_seq), chunk)]
+        raise NotImplementedError
 
-    def chain_rows(self, rows: list[tuple[int, str, bytes, bytes]]) -> Any:
-        return rows
+    def chain_rows(self, first_seq: int, leaves: list[bytes], heads: list[bytes]) -> Any:
+        """The chain rows of a chunk whose transfers were inserted, in the form `write` inserts."""
+        raise NotImplementedError
 
-    def write(self, cursor: Any, items: Iterator[BatchItem]) -> _Written:
-        """Insert the transfers and chain rows as `items` delivers them; return the final item."""
+    def write(self, cursor: Any, batches: Iterator[list[BatchItem]]) -> _Written:
+        """Insert the transfers, account totals and chain rows as `batches` deliver them (each batch
+        all the items made since the last); return the final item."""
         raise NotImplementedError
 
     def insert_rows(
@@ -350,13 +358,35 @@ class _Backend:
         return f"INSERT INTO {table} ({','.join(columns)}) VALUES " + ",".join([one] * count) + suffix
 
 
+def _chain_rows_missing(table_rows: int, expected: int, first_seq: int) -> LedgerCorruptError:
+    return LedgerCorruptError(
+        f"chain rows from seq {first_seq}: {expected} transfers were inserted, {table_rows} found"
+    )
+
+
+def _runs(batches: Iterator[list[BatchItem]]) -> Iterator[tuple[str, list[Any]]]:
+    """The payloads of consecutive items of one kind within each batch, with that kind."""
+    for batch in batches:
+        for kind, run in itertools.groupby(batch, key=_kind):
+            yield kind, [payload for _, payload in run]
+
+
+def _kind(item: BatchItem) -> str:
+    return item[0]
+
+
 class _SqliteBackend(_Backend):
     placeholder = "?"
-    # SQLite inserts in this process but releases the GIL while it does: with the hashing in a helper
-    # thread, one chunk is inserted while the next is hashed.
-    run_ahead = True
     # Multi-row INSERTs bind a whole chunk at once: ~1.5x the rows/s of executemany with the same rows.
     rows_per_statement = CHUNK_TRANSFERS
+    # A chunk's chain rows take their transfer ids from the transfers just inserted and their hashes
+    # from two blobs of 32-byte hashes: four parameters instead of four per row, so SQLite does the
+    # work (without the GIL) and this process only joins the hashes.
+    chain_sql = (
+        "INSERT INTO chain (seq, transfer_id, entry_hash, chained_hash) "
+        "SELECT seq, transfer_id, substr(?1, ((seq - ?3) << 5) + 1, 32), substr(?2, ((seq - ?3) << 5) + 1, 32) "
+        "FROM transfers WHERE seq >= ?3 AND seq < ?4 ORDER BY seq"
+    )
 
     def __init__(self) -> None:
         self._sql: dict[tuple[str, int], str] = {}
@@ -379,28 +409,39 @@ class _SqliteBackend(_Backend):
             seq += 1
         return len(chunk), params
 
-    def chain_rows(self, rows: list[tuple[int, str, bytes, bytes]]) -> Any:
-        return len(rows), list(itertools.chain.from_iterable(rows))
+    def chain_rows(self, first_seq: int, leaves: list[bytes], heads: list[bytes]) -> Any:
+        return (b"".join(leaves), b"".join(heads), first_seq, first_seq + len(leaves))
 
-    def write(self, cursor: Any, items: Iterator[BatchItem]) -> _Written:
+    def write(self, cursor: Any, batches: Iterator[list[BatchItem]]) -> _Written:
         execute = cursor.execute
-        transfers_sql = chain_sql = ""
-        transfers_count = chain_count = 0
-        for kind, payload in items:
+        for kind, payloads in _runs(batches):
             if kind == "transfers":
-                count, params = payload
-                if count != transfers_count:
-                    transfers_sql = self._insert_sql("transfers", TRANSFER_COLUMNS, count)
-                    transfers_count = count
-                execute(transfers_sql, params)
+                # The ready chunks in one statement, up to SQLite's limit of parameters.
+                step = 30_000 // (len(TRANSFER_COLUMNS) * CHUNK_TRANSFERS)
+                for i in range(0, len(payloads), step):
+                    group = payloads[i : i + step]
+                    count = sum(c for c, _ in group)
+                    params = group[0][1] if len(group) == 1 else list(itertools.chain(*(p for _, p in group)))
+                    execute(self._insert_sql("transfers", TRANSFER_COLUMNS, count), params)
             elif kind == "chain":
-                count, params = payload
-                if count != chain_count:
-                    chain_sql = self._insert_sql("chain", CHAIN_COLUMNS, count)
-                    chain_count = count
-                execute(chain_sql, params)
+                leaves, heads, first_seq, end_seq = (
+                    payloads[0]
+                    if len(payloads) == 1
+                    else (
+                        b"".join(p[0] for p in payloads),
+                        b"".join(p[1] for p in payloads),
+                        payloads[0][2],
+                        payloads[-1][3],
+                    )
+                )
+                execute(self.chain_sql, (leaves, heads, first_seq, end_seq))
+                if cursor.rowcount != end_seq - first_seq:
+                    raise _chain_rows_missing(cursor.rowcount, end_seq - first_seq, first_seq)
+            elif kind == "accounts":
+                for rows, new_accounts in payloads:
+                    self.write_accounts(cursor, rows, new_accounts)
             elif kind == "done":
-                written: _Written = payload
+                written: _Written = payloads[0]
                 return written
         raise AssertionError("the batch ended without its final item")
 
@@ -434,8 +475,9 @@ class _SqliteBackend(_Backend):
         )
         columns = ("account_id", "kind", "debits_nano", "credits_nano")
         flatten = itertools.chain.from_iterable
-        for i in range(0, len(rows), self.rows_per_statement):
-            chunk = rows[i : i + self.rows_per_statement]
+        step = 30_000 // len(columns)  # within SQLite's 32,766 parameters per statement
+        for i in range(0, len(rows), step):
+            chunk = rows[i : i + step]
             cursor.execute(self._insert_sql("accounts", columns, len(chunk), suffix), list(flatten(chunk)))
 
 
@@ -446,11 +488,14 @@ def _array(values: Sequence[str] | Sequence[int]) -> str:
 
 class _PostgresBackend(_Backend):
     placeholder = "%s"
-    # PostgreSQL inserts in its own process; the batch's Python work runs ahead in a helper thread, so
-    # that it goes on while this thread waits for the server at the end of each COPY.
-    run_ahead = True
-    chunks_per_copy = 4
-    """Chunks of transfers per pair of COPYs (transfers, then their chain rows)."""
+    # As on SQLite, a chunk's chain rows are made by the server from the transfers just copied and
+    # two byte strings of hashes.
+    chain_sql = (
+        "INSERT INTO chain (seq, transfer_id, entry_hash, chained_hash) "
+        "SELECT seq, transfer_id, substring(%(leaves)s::bytea from ((seq - %(first)s) * 32 + 1)::int for 32), "
+        "substring(%(heads)s::bytea from ((seq - %(first)s) * 32 + 1)::int for 32) "
+        "FROM transfers WHERE seq >= %(first)s AND seq < %(end)s ORDER BY seq"
+    )
 
     def lock(self, conn: Connection) -> None:
         # One writer at a time per ledger (schema); readers are not blocked.
@@ -459,7 +504,7 @@ class _PostgresBackend(_Backend):
     # COPY's text format, written here a chunk at a time: half the client's work of psycopg's
     # `write_row`, which formats row by row. No field needs escaping: ids, accounts and codes match
     # their patterns (no tab, newline or backslash; checked for every transfer from outside, and the
-    # settlement builds its own from checked names) and the rest are integers and hex.
+    # settlement builds its own from checked names) and the rest are integers.
     def transfer_rows(self, first_seq: int, chunk: Sequence[Transfer]) -> Any:
         return "".join(
             [
@@ -470,39 +515,46 @@ class _PostgresBackend(_Backend):
             ]
         )
 
-    def chain_rows(self, rows: list[tuple[int, str, bytes, bytes]]) -> Any:
-        return "".join(
-            [f"{seq}\t{tid}\t\\\\x{entry.hex()}\t\\\\x{chained.hex()}\n" for seq, tid, entry, chained in rows]
-        )
+    def chain_rows(self, first_seq: int, leaves: list[bytes], heads: list[bytes]) -> Any:
+        return {
+            "leaves": b"".join(leaves),
+            "heads": b"".join(heads),
+            "first": first_seq,
+            "end": first_seq + len(leaves),
+        }
 
-    def write(self, cursor: Any, items: Iterator[BatchItem]) -> _Written:
-        # One COPY at a time, and the chain rows of a chunk come after its transfers: so the batch
-        # goes as pairs of COPYs of a few chunks each, the transfers streamed as they are made, their
-        # chain rows held until the transfers' COPY ends. While the server inserts a pair, the helper
-        # makes the next chunks.
-        copy_transfers = f"COPY transfers ({','.join(TRANSFER_COLUMNS)}) FROM STDIN"
-        copy_chain = f"COPY chain ({','.join(CHAIN_COLUMNS)}) FROM STDIN"
-        held: list[str] = []
-        stream = iter(items)
-        kind, payload = next(stream)
-        while kind == "transfers":
-            with cursor.copy(copy_transfers) as copy:
-                while kind != "end":
-                    if kind == "transfers":
-                        copy.write(payload)
-                    else:
-                        held.append(payload)
-                        if len(held) >= self.chunks_per_copy:
-                            kind, payload = next(stream)
-                            break
-                    kind, payload = next(stream)
-            with cursor.copy(copy_chain) as copy:
-                for block in held:
-                    copy.write(block)
-                held.clear()
+    def write(self, cursor: Any, batches: Iterator[list[BatchItem]]) -> _Written:
+        # The transfers go in one COPY, chunk by chunk as they are made, so the server inserts them
+        # while the next chunks are made; then the account totals and, as they are hashed, the chain
+        # rows of the ready chunks in one statement.
+        runs = _runs(batches)
+        kind, payloads = next(runs)
+        if kind == "transfers":
+            with cursor.copy(f"COPY transfers ({','.join(TRANSFER_COLUMNS)}) FROM STDIN") as copy:
+                while kind == "transfers":
+                    copy.write("".join(payloads))
+                    kind, payloads = next(runs)
         while kind != "done":
-            kind, payload = next(stream)
-        written: _Written = payload
+            if kind == "accounts":
+                for rows, new_accounts in payloads:
+                    self.write_accounts(cursor, rows, new_accounts)
+            elif kind == "chain":
+                first_seq, end_seq = payloads[0]["first"], payloads[-1]["end"]
+                params = (
+                    payloads[0]
+                    if len(payloads) == 1
+                    else {
+                        "leaves": b"".join(p["leaves"] for p in payloads),
+                        "heads": b"".join(p["heads"] for p in payloads),
+                        "first": first_seq,
+                        "end": end_seq,
+                    }
+                )
+                cursor.execute(self.chain_sql, params)
+                if cursor.rowcount != end_seq - first_seq:
+                    raise _chain_rows_missing(cursor.rowcount, end_seq - first_seq, first_seq)
+            kind, payloads = next(runs)
+        written: _Written = payloads[0]
         return written
 
     def insert_rows(
@@ -586,15 +638,17 @@ def _raw_cursor(conn: Connection) -> Any:
 _T = TypeVar("_T")
 
 
-def _run_ahead(items: Iterator[_T]) -> Iterator[_T]:
-    """Iterate `items` in a helper thread and hand each one over as soon as it is made.
+def _run_ahead(items: Iterator[_T]) -> Iterator[list[_T]]:
+    """Iterate `items` in a helper thread; hand over, whenever this thread asks, all the items made since.
 
-    For SQLite, which inserts in this process but releases the GIL while it
-    works: the helper builds and hashes the next chunk while this thread's
-    INSERT runs. After each item the helper yields the GIL (`sleep(0)`), so
-    that the inserting thread gets it back at once instead of after the
-    interpreter's switch interval. An exception in the helper is raised here;
-    if this side stops early, the helper stops after its current item.
+    The helper builds and hashes the next chunks while this thread waits for
+    the database, which it does without holding the GIL. After each item the
+    helper yields the GIL (`sleep(0)`), so that this thread gets it back
+    without waiting out the interpreter's switch interval; it then takes every
+    item that is ready, which the backend inserts in one statement where it
+    can: so the inserts keep up with the helper instead of taking one turn
+    each. An exception in the helper is raised here; if this side stops early,
+    the helper stops after its current item.
     """
     handed: queue.SimpleQueue[tuple[bool, Any]] = queue.SimpleQueue()
     stop = threading.Event()
@@ -613,13 +667,22 @@ def _run_ahead(items: Iterator[_T]) -> Iterator[_T]:
     helper = threading.Thread(target=produce, name="ledger-batch", daemon=True)
     helper.start()
     try:
+        ready: list[_T] = []
         while True:
             more, item = handed.get()
+            while more:
+                ready.append(item)
+                try:
+                    more, item = handed.get_nowait()
+                except queue.Empty:
+                    break
+            if ready:
+                yield ready
+                ready = []
             if not more:
                 if item is not None:
                     raise item
                 return
-            yield item
     finally:
         stop.set()
         helper.join()
@@ -664,6 +727,14 @@ class LedgerStore:
         self._integrity_errors: tuple[type[BaseException], ...] = (exc.IntegrityError, dbapi.IntegrityError)
         self._state: _State | None = None
         self._lock = threading.RLock()
+        self._last_rules: tuple[SettlementRules, str] | None = None
+
+    def _rules_json(self, rules: SettlementRules) -> str:
+        """`rules.to_json()`, remembered for the rules object last asked about (rules are immutable)."""
+        last = self._last_rules
+        if last is None or last[0] is not rules:
+            last = self._last_rules = (rules, rules.to_json())
+        return last[1]
 
     @property
     def public_key(self) -> bytes:
@@ -860,42 +931,38 @@ class LedgerStore:
         planned: tuple[Mapping[str, AccountTotals], Sequence[str]] | None,
         meanwhile: Callable[[], None] | None = None,
     ) -> Checkpoint:
-        """Append transfers after `state`: rows, chain, nodes, totals, balance check, checkpoint.
+        """Append transfers after `state`: rows, totals, chain, nodes, balance check, checkpoint.
 
-        The Python work of the batch (rows, hashes, Merkle nodes, and the new
-        totals unless `planned` gives them (with the new accounts), then the signature and
-        `meanwhile`) is a generator of rows to insert, `_batch_items`; the
-        backend inserts each chunk as it comes, so the database stores one
-        chunk while the next is hashed: PostgreSQL in its own process, SQLite in
-        this one with the generator running ahead in a helper thread.
+        The Python work of the batch (rows, the new totals unless `planned`
+        gives them (with the new accounts), hashes, Merkle nodes, then the
+        signature and `meanwhile`) is a generator of rows to insert,
+        `_batch_items`, run ahead in a helper thread; the backend inserts each
+        item as it comes, so the database stores one chunk while the next is
+        made or hashed: PostgreSQL in its own process, SQLite in this thread,
+        which does not hold the GIL while SQLite works.
         """
         if self.signing_key is None:
             raise LedgerError("this store has no signing key: it can read and verify, not write")
         backend = self._backend
         cursor = _raw_cursor(conn)
-        items = self._batch_items(state, chunks, planned, meanwhile)
-        written = backend.write(cursor, _run_ahead(items) if backend.run_ahead else items)
+        written = backend.write(cursor, _run_ahead(self._batch_items(state, chunks, planned, meanwhile)))
         if written.completed:
             backend.insert_rows(cursor, "merkle_nodes", ("level", "node_index", "hash"), written.completed)
-        backend.write_accounts(
-            cursor,
-            [(a, a.split(":", 1)[0], t.debits_nano, t.credits_nano) for a, t in written.totals.items()],
-            written.new_accounts,
-        )
         check_balance_sum(backend.all_totals(cursor), where=f"after the batch ending at seq {written.seq}")
         checkpoint = written.checkpoint
-        conn.execute(
-            checkpoints_table.insert().values(
-                tree_size=checkpoint.tree_size,
-                origin=checkpoint.origin,
-                root_hash=checkpoint.root_hash,
-                chain_head=checkpoint.chain_head,
-                time_ms=checkpoint.time_ms,
-                previous_hash=checkpoint.previous_hash,
-                public_key=checkpoint.public_key,
-                signature=checkpoint.signature,
-                frontier=written.frontier.to_bytes(),
-            )
+        cursor.execute(
+            f"INSERT INTO checkpoints ({_CHECKPOINT_COLUMNS}) VALUES ({','.join([backend.placeholder] * 9)})",
+            (
+                checkpoint.tree_size,
+                checkpoint.origin,
+                checkpoint.root_hash,
+                checkpoint.chain_head,
+                checkpoint.time_ms,
+                checkpoint.previous_hash,
+                checkpoint.public_key,
+                checkpoint.signature,
+                written.frontier.to_bytes(),
+            ),
         )
         totals = dict(state.totals)
         totals.update(written.totals)
@@ -915,31 +982,49 @@ class LedgerStore:
         planned: tuple[Mapping[str, AccountTotals], Sequence[str]] | None,
         meanwhile: Callable[[], None] | None,
     ) -> Iterator[BatchItem]:
-        """The rows of a batch, chunk by chunk, then its outcome (see BatchItem)."""
+        """The rows of a batch in the order the database takes them (see BatchItem), then its outcome.
+
+        First the transfers, chunk by chunk as they are made; then the new
+        account totals, which need every transfer but no hash; then the chain
+        rows, chunk by chunk as they are hashed. So the database inserts the
+        transfers while the next ones are made, and the totals and chain rows
+        while the rest is hashed.
+        """
         backend = self._backend
+        sums = GroupTotals() if planned is None else None
+        made: list[Sequence[Transfer]] = []
         seq = state.seq
+        size = CHUNK_TRANSFERS
+        for given in chunks:
+            # Chunks from the settlement are already about `size` long; a long list is cut up.
+            pieces = (
+                [given]
+                if len(given) < 2 * size
+                else [given[i : i + size] for i in range(0, len(given), size)]
+            )
+            for chunk in pieces:
+                yield "transfers", backend.transfer_rows(seq + 1, chunk)
+                if sums is not None:
+                    sums.add(chunk)
+                made.append(chunk)
+                seq += len(chunk)
+        totals, new_accounts = sums.new_totals(state.totals) if sums is not None else planned or ({}, ())
+        yield "accounts", (_account_rows(totals), new_accounts)
+        if meanwhile is not None:
+            meanwhile()
         head = state.head
         frontier = state.frontier.copy()
         completed: list[tuple[int, int, bytes]] = []
-        sums = GroupTotals() if planned is None else None
-        size = CHUNK_TRANSFERS
-        for given in chunks:
-            for start in range(0, len(given), size):
-                chunk = given[start : start + size] if len(given) > size else given
-                yield "transfers", backend.transfer_rows(seq + 1, chunk)
-                hashed = hash_batch(chunk, seq + 1, head, frontier, NODE_MIN_LEVEL)
-                yield "chain", backend.chain_rows(hashed.chain_rows)
-                head = hashed.chain_head
-                completed.extend(hashed.completed_nodes)
-                if sums is not None:
-                    sums.add(chunk)
-                seq += len(chunk)
-        yield "end", None
-        totals, new_accounts = sums.new_totals(state.totals) if sums is not None else planned or ({}, ())
+        first_seq = state.seq + 1
+        for chunk in made:
+            leaves = leaf_hashes(chunk)
+            heads = chain_heads(head, leaves)
+            head = heads[-1]
+            frontier.extend(leaves, NODE_MIN_LEVEL, completed)
+            yield "chain", backend.chain_rows(first_seq, leaves, heads)
+            first_seq += len(chunk)
         checkpoint = self._sign(state.checkpoint, frontier, head)
-        if meanwhile is not None:
-            meanwhile()
-        yield "done", _Written(seq, head, frontier, completed, totals, new_accounts, checkpoint)
+        yield "done", _Written(seq, head, frontier, completed, totals, checkpoint)
 
     def _sign(self, previous: Checkpoint | None, frontier: MerkleFrontier, chain_head: bytes) -> Checkpoint:
         if self.signing_key is None:
@@ -997,8 +1082,9 @@ class LedgerStore:
             .order_by(s.revision.desc())
             .limit(1)
         ).first()
-        rules_json = rules.to_json()
+        rules_json = self._rules_json(rules)
         digests: list[str] = []
+        meter_jsons: list[str] = []
         chunks: Iterable[Sequence[Transfer]]
         whole: Callable[[], Sequence[Transfer]]
         meanwhile: Callable[[], None] | None = None
@@ -1014,6 +1100,7 @@ class LedgerStore:
             def meanwhile() -> None:
                 # Only stored with the revision: computed while the transfers are inserted.
                 digests.append(clearing.digest())
+                meter_jsons.append(meter_state_to_json(meter_state))
 
         else:
             digest = clearing.digest()
@@ -1070,7 +1157,7 @@ class LedgerStore:
                 interval_s=clearing.interval_s,
                 clearing_digest=digest,
                 rules_json=rules_json,
-                meter_json=meter_state_to_json(meter_state),
+                meter_json=meter_jsons[0] if meter_jsons else meter_state_to_json(meter_state),
                 estimated_count=len(estimated),
                 first_seq=first_seq,
                 transfer_count=appended,

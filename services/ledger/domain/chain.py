@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import NamedTuple
 
 from services.ledger.domain.hashing import sha256
 from services.ledger.domain.ledger import (
@@ -34,7 +33,6 @@ from services.ledger.domain.ledger import (
     Transfer,
     TransferError,
 )
-from services.ledger.domain.merkle import MerkleFrontier
 
 ENTRY_PREFIX = "p2pgrid-transfer-v1"
 GENESIS_HASH = bytes(32)
@@ -81,41 +79,22 @@ def chained_hash(previous: bytes, entry_hash_: bytes) -> bytes:
     return _sha256(previous + entry_hash_).digest()
 
 
-ChainRow = tuple[int, str, bytes, bytes]
-"""(seq, transfer_id, entry_hash, chained_hash): one row of the chain table."""
-
-
-class HashedBatch(NamedTuple):
-    chain_rows: list[ChainRow]
-    chain_head: bytes
-    completed_nodes: list[tuple[int, int, bytes]]
-    """Perfect Merkle subtrees (level, index, hash) that the batch completed, at the stored levels."""
-
-
-def hash_batch(
-    transfers: Sequence[Transfer],
-    first_seq: int,
-    previous: bytes,
-    frontier: MerkleFrontier,
-    node_min_level: int,
-) -> HashedBatch:
-    """Chain and Merkle-append a batch; `frontier` is advanced in place."""
+def leaf_hashes(transfers: Sequence[Transfer]) -> list[bytes]:
+    """The entry hashes (RFC 9162 leaf hashes) of well-formed transfers, in order."""
     sha = _sha256
     prefix = f"\x00{ENTRY_PREFIX}|"
-    leaves = [
-        sha(
-            f"{prefix}{tid}|{debit}|{credit}|{amount}|{code}|{start}|{group}|{flags}".encode("ascii")
-        ).digest()
+    return [
+        sha(f"{prefix}{tid}|{debit}|{credit}|{amount}|{code}|{start}|{group}|{flags}".encode()).digest()
         for tid, debit, credit, amount, code, start, group, flags in transfers
     ]
+
+
+def chain_heads(previous: bytes, leaves: Sequence[bytes]) -> list[bytes]:
+    """The chained hashes of the transfers with entry hashes `leaves`, after the chained hash `previous`."""
+    sha = _sha256
     heads: list[bytes] = []
     push = heads.append
     for h in leaves:
         previous = sha(previous + h).digest()
         push(previous)
-    rows = list(
-        zip(range(first_seq, first_seq + len(leaves)), [t[0] for t in transfers], leaves, heads, strict=True)
-    )
-    completed: list[tuple[int, int, bytes]] = []
-    frontier.extend(leaves, node_min_level, completed)
-    return HashedBatch(rows, previous, completed)
+    return heads

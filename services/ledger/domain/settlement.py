@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import operator
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
@@ -784,8 +785,8 @@ def first_settlement_chunks(
     rules: SettlementRules,
     chunk_transfers: int = FIRST_CHUNK_TRANSFERS,
 ) -> Iterator[list[Transfer]]:
-    """The transfers of revision 0 in order, in chunks of about `chunk_transfers` (a trade's legs stay
-    together): the same as `legs_to_transfers(settlement_legs(...), …, 0)`.
+    """The transfers of revision 0 in order, in chunks of `chunk_transfers` (the last one shorter):
+    the same as `legs_to_transfers(settlement_legs(...), …, 0)`.
 
     A first settlement books every leg as it is, so the legs need not be kept
     by key for a later comparison. The ids sort by the digest of the legs'
@@ -803,34 +804,44 @@ def first_settlement_chunks(
     utility_pid = rules.utility_participant_id
     sha = sha256
     prefix = f"{market_id}|{start_s}|0|"
+    id_prefix = f"{start_s}."
 
     energy: dict[tuple[str, str, str, str], int] = {}
     get = energy.get
     for t in clearing.trades:
         k = (t.buyer_id, t.buyer_node, t.seller_id, t.seller_node)
         energy[k] = get(k, 0) + t.energy_wh
-    # What each id digest stands for, (digest, kind, parties, amount): kind 0 a trade (its key and
-    # energy), 1 the congestion rent, 2 a deviation (the participant and the amount it owes).
+    # What each id stands for, (id without its tag, kind, parties, amount): kind 0 a trade (its key
+    # and energy), 1 the congestion rent, 2 a deviation (the participant and the amount it owes).
+    # The ids share their prefix, so they sort as their digests.
     order: list[tuple[str, int, Any, int]] = [
-        (sha(f"{prefix}{b}|{bn}|{s}|{sn}".encode()).hexdigest()[:30], 0, k, e)
+        (f"{id_prefix}{sha(f'{prefix}{b}|{bn}|{s}|{sn}'.encode()).hexdigest()[:30]}.", 0, k, e)
         for k, e in energy.items()
         for b, bn, s, sn in (k,)
     ]
     rent = sum(e * (prices[bn] - prices[sn]) for (_b, bn, _s, sn), e in energy.items() if bn != sn)
     if rent:
-        order.append((sha(prefix.encode()).hexdigest()[:30], 1, None, rent))
+        order.append((f"{id_prefix}{sha(prefix.encode()).hexdigest()[:30]}.", 1, None, rent))
     contracted = {a.participant_id: a.bought_wh - a.sold_wh for a in clearing.accepted}
     retail = rules.retail_tariff_micro_per_kwh
     feed_in = rules.feed_in_tariff_micro_per_kwh
+    push = order.append
     for participant, (import_wh, export_wh, _quality) in state.items():
         if participant == utility_pid:
             continue
         deviation_wh = (import_wh - export_wh) - contracted.get(participant, 0)
         amount = deviation_wh * (retail if deviation_wh > 0 else feed_in)
         if amount:
-            order.append((sha((prefix + participant).encode()).hexdigest()[:30], 2, participant, amount))
-    order.sort(key=_first)
-    if len(set(map(_first, order))) != len(order):
+            push(
+                (
+                    f"{id_prefix}{sha((prefix + participant).encode()).hexdigest()[:30]}.",
+                    2,
+                    participant,
+                    amount,
+                )
+            )
+    order.sort(key=_FIRST)
+    if len(set(map(_FIRST, order))) != len(order):
         whole = legs_to_transfers(settlement_legs(clearing, state, rules), market_id, start_s, 0)
         for i in range(0, len(whole), chunk_transfers):
             yield whole[i : i + chunk_transfers]
@@ -839,7 +850,6 @@ def first_settlement_chunks(
     market = account_id(AccountKind.MARKET, market_id)
     grid = rules.grid_operator_account
     fee_by_buyer = rules.grid_fee_payer is FeePayer.BUYER
-    id_prefix = f"{start_s}."
     limit = MAX_AMOUNT_NANO
     new = _new_tuple
     measured = MeterQuality.MEASURED
@@ -870,19 +880,23 @@ def first_settlement_chunks(
             group = tid
         add(new(Transfer, (tid, payer, payee, amount, code, start_s, group, flags)))
 
-    for digest, kind, parties, amount in order:
-        tid = f"{id_prefix}{digest}."
+    account = accounts.get
+    for tid, kind, parties, amount in order:
         if kind == 0:
             buyer, buyer_node, seller, seller_node = parties
-            buyer_account = accounts.get(buyer) or account_of(buyer)
-            seller_account = accounts.get(seller) or account_of(seller)
+            buyer_account = account(buyer) or account_of(buyer)
+            seller_account = account(seller) or account_of(seller)
             # The legs of a trade in the order of their tags: gf, tp, ts.
             fee_account = buyer_account if fee_by_buyer else seller_account
             if fee_account != utility:
                 rate = fee_rates.get((buyer_node, seller_node))
                 if rate is None:
                     rate = fee_rates[(buyer_node, seller_node)] = rules.grid_fee_for(buyer_node, seller_node)
-                leg(tid + "gf", fee_account, grid, amount * rate, CODE_GRID_FEE, 0)
+                fee = amount * rate
+                if group and 0 < fee <= limit:
+                    add(new(Transfer, (tid + "gf", fee_account, grid, fee, CODE_GRID_FEE, start_s, group, 0)))
+                else:
+                    leg(tid + "gf", fee_account, grid, fee, CODE_GRID_FEE, 0)
             purchase = amount * prices[buyer_node]
             if group and 0 < purchase <= limit:
                 add(
@@ -898,21 +912,27 @@ def first_settlement_chunks(
                 add(new(Transfer, (tid + "ts", market, seller_account, sale, CODE_SALE, start_s, group, 0)))
             else:
                 leg(tid + "ts", market, seller_account, sale, CODE_SALE, 0)
-        elif kind == 1:
-            leg(tid + "cr", market, grid, amount, CODE_CONGESTION_RENT, 0)
-        else:
+        elif kind == 2:
             flags = 0 if state[parties][2] is measured else FLAG_ESTIMATED
-            leg(tid + "dv", account_of(parties), utility, amount, CODE_DEVIATION, flags)
+            payer = account(parties) or account_of(parties)
+            if group and 0 < amount <= limit:
+                add(
+                    new(Transfer, (tid + "dv", payer, utility, amount, CODE_DEVIATION, start_s, group, flags))
+                )
+            else:
+                leg(tid + "dv", payer, utility, amount, CODE_DEVIATION, flags)
+        else:
+            leg(tid + "cr", market, grid, amount, CODE_CONGESTION_RENT, 0)
         if len(chunk) >= chunk_transfers:
-            yield chunk
-            chunk = []
+            while len(chunk) >= chunk_transfers:
+                yield chunk[:chunk_transfers]
+                chunk = chunk[chunk_transfers:]
             add = chunk.append
     if chunk:
         yield chunk
 
 
-def _first(item: tuple[Any, ...]) -> Any:
-    return item[0]
+_FIRST = operator.itemgetter(0)
 
 
 def first_settlement_transfers(

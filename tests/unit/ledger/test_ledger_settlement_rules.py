@@ -308,7 +308,8 @@ def test_the_first_settlement_built_chunk_by_chunk_equals_the_transfers_of_its_l
         expected = legs_to_transfers(settlement_legs(clearing_result, state, rules), "demo", START_S, 0)
         for size in (1, 3, 256):
             chunks = list(first_settlement_chunks(clearing_result, state, rules, size))
-            # A trade's legs (up to three) stay in one chunk.
-            assert all(0 < len(chunk) < size + 3 for chunk in chunks)
+            # Every chunk but the last is exactly `size` long.
+            assert all(len(chunk) == size for chunk in chunks[:-1])
+            assert all(0 < len(chunk) <= size for chunk in chunks)
             assert [t for chunk in chunks for t in chunk] == expected
         assert plan_first_settlement(SettlementInputs(clearing_result, meter), rules).transfers == expected
