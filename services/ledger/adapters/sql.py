@@ -54,7 +54,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from nacl.signing import SigningKey
 from sqlalchemy import (
@@ -127,8 +127,10 @@ from services.ledger.domain.settlement import (
     plan_restaged_settlement,
     settlement_due_s,
     validate_inputs,
+    validate_interval,
     validate_meter_energy,
     validate_meter_readings,
+    validate_rows,
 )
 from services.platform.db import migrate
 
@@ -259,6 +261,32 @@ TRANSFER_COLUMNS = (
     "flags",
 )
 CHAIN_COLUMNS = ("seq", "transfer_id", "entry_hash", "chained_hash")
+_SETTLED_COLUMNS = (
+    "market_id",
+    "interval_start_s",
+    "revision",
+    "interval_s",
+    "clearing_digest",
+    "rules_json",
+    "meter_json",
+    "estimated_count",
+    "first_seq",
+    "transfer_count",
+    "tree_size",
+    "settled_at_ms",
+)
+
+
+class _LatestRevision(NamedTuple):
+    """The settlement record of an interval's latest revision, as far as a new revision needs it."""
+
+    revision: int
+    clearing_digest: str
+    rules_json: str
+    meter_json: str
+    tree_size: int
+
+
 _CHECKPOINT_COLUMNS = (
     "tree_size, origin, root_hash, chain_head, time_ms, previous_hash, public_key, signature, frontier"
 )
@@ -353,6 +381,13 @@ class _Backend:
         cursor.execute("SELECT debits_nano, credits_nano FROM accounts")
         return list(cursor.fetchall())
 
+    def write_accounts_and_check(
+        self, cursor: Any, rows: Sequence[tuple[str, str, int, int]], new_accounts: Sequence[str], seq: int
+    ) -> None:
+        """Store a batch's new account totals, then check that all balances sum to zero."""
+        self.write_accounts(cursor, rows, new_accounts)
+        check_balance_sum(self.all_totals(cursor), where=f"after the batch ending at seq {seq}")
+
     def values_sql(self, table: str, columns: Sequence[str], count: int, suffix: str = "") -> str:
         one = "(" + ",".join([self.placeholder] * len(columns)) + ")"
         return f"INSERT INTO {table} ({','.join(columns)}) VALUES " + ",".join([one] * count) + suffix
@@ -438,8 +473,8 @@ class _SqliteBackend(_Backend):
                 if cursor.rowcount != end_seq - first_seq:
                     raise _chain_rows_missing(cursor.rowcount, end_seq - first_seq, first_seq)
             elif kind == "accounts":
-                for rows, new_accounts in payloads:
-                    self.write_accounts(cursor, rows, new_accounts)
+                for payload in payloads:
+                    self.write_accounts_and_check(cursor, *payload)
             elif kind == "done":
                 written: _Written = payloads[0]
                 return written
@@ -536,8 +571,8 @@ class _PostgresBackend(_Backend):
                     kind, payloads = next(runs)
         while kind != "done":
             if kind == "accounts":
-                for rows, new_accounts in payloads:
-                    self.write_accounts(cursor, rows, new_accounts)
+                for payload in payloads:
+                    self.write_accounts_and_check(cursor, *payload)
             elif kind == "chain":
                 first_seq, end_seq = payloads[0]["first"], payloads[-1]["end"]
                 params = (
@@ -560,10 +595,11 @@ class _PostgresBackend(_Backend):
     def insert_rows(
         self, cursor: Any, table: str, columns: Sequence[str], rows: Sequence[tuple[Any, ...]]
     ) -> None:
-        with cursor.copy(f"COPY {table} ({','.join(columns)}) FROM STDIN") as copy:
-            write = copy.write_row
-            for row in rows:
-                write(row)
+        # A few rows (a batch's Merkle nodes): one statement over arrays, one round trip.
+        cursor.execute(
+            f"INSERT INTO {table} ({','.join(columns)}) SELECT * FROM unnest({','.join(['%s'] * len(columns))})",
+            [list(column) for column in zip(*rows, strict=True)],
+        )
 
     def write_accounts(
         self, cursor: Any, rows: Sequence[tuple[str, str, int, int]], new_accounts: Sequence[str]
@@ -598,10 +634,9 @@ class _PostgresBackend(_Backend):
                 )
 
     def all_totals(self, cursor: Any) -> list[tuple[int, int]]:
-        # Summed in the database: numeric sums are exact, and only one row travels.
-        cursor.execute(
-            "SELECT COALESCE(SUM(debits_nano::numeric), 0), COALESCE(SUM(credits_nano::numeric), 0) FROM accounts"
-        )
+        # Summed in the database, exactly: SUM of bigint is numeric (accumulated in 128 bits), and
+        # only one row travels.
+        cursor.execute("SELECT COALESCE(SUM(debits_nano), 0), COALESCE(SUM(credits_nano), 0) FROM accounts")
         debits, credits = cursor.fetchone()
         return [(int(debits), int(credits))]
 
@@ -688,6 +723,22 @@ def _run_ahead(items: Iterator[_T]) -> Iterator[list[_T]]:
         helper.join()
 
 
+def _validated_after_first(
+    chunks: Iterator[list[Transfer]], inputs: SettlementInputs
+) -> Iterator[list[Transfer]]:
+    """`chunks` of a first settlement, its input rows validated right after the first chunk is made
+    (or when making it fails), so the database stores that chunk while the rows are checked."""
+    try:
+        first = next(chunks, None)
+    except Exception:
+        validate_rows(inputs)
+        raise
+    if first is not None:
+        yield first
+    validate_rows(inputs)
+    yield from chunks
+
+
 # --------------------------------------------------------------------------- the store
 
 
@@ -771,9 +822,9 @@ class LedgerStore:
     # ----------------------------------------------------------------- state
 
     def _read_head(self, conn: Connection) -> tuple[int, bytes]:
-        row = conn.execute(
-            select(chain_table.c.seq, chain_table.c.chained_hash).order_by(chain_table.c.seq.desc()).limit(1)
-        ).first()
+        cursor = _raw_cursor(conn)
+        cursor.execute("SELECT seq, chained_hash FROM chain ORDER BY seq DESC LIMIT 1")
+        row = cursor.fetchone()
         if row is None:
             return 0, NO_PREVIOUS
         return int(row[0]), bytes(row[1])
@@ -886,7 +937,7 @@ class LedgerStore:
 
         `whole()` gives the same transfers as one list, for the careful path
         should an id be taken after all; `meanwhile` runs once the transfers
-        are on their way to the database.
+        are on their way to the database. The caller holds the writers' lock.
         """
         stream = iter(chunks)
         first = next(stream, None)
@@ -894,7 +945,6 @@ class LedgerStore:
             if meanwhile is not None:
                 meanwhile()
             return 0, None
-        self._backend.lock(conn)
         state = self._state_for(conn)
         # The ids of a settlement revision are new by construction; should one be taken after all,
         # undo to the savepoint and let the careful path look every id up. Any other failure undoes
@@ -948,7 +998,6 @@ class LedgerStore:
         written = backend.write(cursor, _run_ahead(self._batch_items(state, chunks, planned, meanwhile)))
         if written.completed:
             backend.insert_rows(cursor, "merkle_nodes", ("level", "node_index", "hash"), written.completed)
-        check_balance_sum(backend.all_totals(cursor), where=f"after the batch ending at seq {written.seq}")
         checkpoint = written.checkpoint
         cursor.execute(
             f"INSERT INTO checkpoints ({_CHECKPOINT_COLUMNS}) VALUES ({','.join([backend.placeholder] * 9)})",
@@ -1009,7 +1058,7 @@ class LedgerStore:
                 made.append(chunk)
                 seq += len(chunk)
         totals, new_accounts = sums.new_totals(state.totals) if sums is not None else planned or ({}, ())
-        yield "accounts", (_account_rows(totals), new_accounts)
+        yield "accounts", (_account_rows(totals), new_accounts, seq)
         if meanwhile is not None:
             meanwhile()
         head = state.head
@@ -1051,7 +1100,7 @@ class LedgerStore:
         the metering deadline, SettlementConflictError for a clearing result
         (or measured data) that contradicts what was settled.
         """
-        validate_inputs(inputs)
+        validate_interval(inputs.clearing)
         clearing = inputs.clearing
         due_s = settlement_due_s(clearing.interval_start_s, clearing.interval_s, rules)
         now_s = self.clock.now_s()
@@ -1072,16 +1121,26 @@ class LedgerStore:
         restaged: bool = False,
     ) -> SettlementOutcome:
         """Settle `inputs`; with `restaged`, they hold all meter data held for the interval (see
-        `plan_restaged_settlement`), else only what was delivered now (merged into the settled data)."""
+        `plan_restaged_settlement`), else only what was delivered now (merged into the settled data).
+
+        The clearing result's interval must have passed `validate_interval`; its
+        rows are validated here. For a first settlement that happens once the
+        first chunk of transfers is on its way to the database (rules that fail
+        on bad rows leave the validation to name the problem), and before the
+        checkpoint is signed; nothing made from bad rows is kept."""
         clearing = inputs.clearing
         self._backend.lock(conn)
-        s = settled_intervals_table.c
-        latest = conn.execute(
-            select(settled_intervals_table)
-            .where(s.market_id == clearing.market_id, s.interval_start_s == clearing.interval_start_s)
-            .order_by(s.revision.desc())
-            .limit(1)
-        ).first()
+        # The statements of every settlement go to the driver's cursor directly: SQLAlchemy's
+        # building and row handling cost more here than the statements.
+        cursor = _raw_cursor(conn)
+        ph = self._backend.placeholder
+        cursor.execute(
+            "SELECT revision, clearing_digest, rules_json, meter_json, tree_size FROM settled_intervals "
+            f"WHERE market_id = {ph} AND interval_start_s = {ph} ORDER BY revision DESC LIMIT 1",
+            (clearing.market_id, clearing.interval_start_s),
+        )
+        found = cursor.fetchone()
+        latest = _LatestRevision(*found) if found is not None else None
         rules_json = self._rules_json(rules)
         digests: list[str] = []
         meter_jsons: list[str] = []
@@ -1090,11 +1149,16 @@ class LedgerStore:
         meanwhile: Callable[[], None] | None = None
         if latest is None:
             revision = 0
-            meter_state = initial_meter_state(clearing, inputs.meter_energy, rules)
-            estimated = estimated_participants(meter_state)
-            chunks = first_settlement_chunks(clearing, meter_state, rules)
+            try:
+                meter_state = initial_meter_state(clearing, inputs.meter_energy, rules)
+                estimated = estimated_participants(meter_state)
+            except Exception:
+                validate_rows(inputs)
+                raise
+            chunks = _validated_after_first(first_settlement_chunks(clearing, meter_state, rules), inputs)
 
             def whole() -> list[Transfer]:
+                validate_rows(inputs)
                 return first_settlement_transfers(clearing, meter_state, rules)
 
             def meanwhile() -> None:
@@ -1103,6 +1167,7 @@ class LedgerStore:
                 meter_jsons.append(meter_state_to_json(meter_state))
 
         else:
+            validate_rows(inputs)
             digest = clearing.digest()
             digests.append(digest)
             if latest.clearing_digest != digest:
@@ -1143,27 +1208,36 @@ class LedgerStore:
             estimated = plan.estimated_participants
             chunks = [plan.transfers]
             whole = functools.partial(list, plan.transfers)
-        appended, checkpoint = self._append_new_group(conn, chunks, whole, meanwhile)
+        try:
+            appended, checkpoint = self._append_new_group(conn, chunks, whole, meanwhile)
+        except SettlementInputError:
+            raise
+        except Exception:
+            if revision == 0:
+                validate_rows(inputs)  # bad rows are what to report, whatever they broke
+            raise
         digest = digests[0] if digests else clearing.digest()
         state = self._state_for(conn) if appended == 0 else self._state
         assert state is not None
         first_seq = state.seq - appended + 1 if appended else 0
         now_ms = int(self.clock.now_s() * 1000)
-        conn.execute(
-            settled_intervals_table.insert().values(
-                market_id=clearing.market_id,
-                interval_start_s=clearing.interval_start_s,
-                revision=revision,
-                interval_s=clearing.interval_s,
-                clearing_digest=digest,
-                rules_json=rules_json,
-                meter_json=meter_jsons[0] if meter_jsons else meter_state_to_json(meter_state),
-                estimated_count=len(estimated),
-                first_seq=first_seq,
-                transfer_count=appended,
-                tree_size=state.seq,
-                settled_at_ms=now_ms,
-            )
+        cursor.execute(
+            f"INSERT INTO settled_intervals ({','.join(_SETTLED_COLUMNS)}) "
+            f"VALUES ({','.join([ph] * len(_SETTLED_COLUMNS))})",
+            (
+                clearing.market_id,
+                clearing.interval_start_s,
+                revision,
+                clearing.interval_s,
+                digest,
+                rules_json,
+                meter_jsons[0] if meter_jsons else meter_state_to_json(meter_state),
+                len(estimated),
+                first_seq,
+                appended,
+                state.seq,
+                now_ms,
+            ),
         )
         return SettlementOutcome(
             market_id=clearing.market_id,
@@ -1364,7 +1438,7 @@ class LedgerStore:
                     if version is None:
                         continue  # settled meanwhile by another caller
                     inputs = self._staged_inputs(conn, market_id, interval_start_s)
-                    validate_inputs(inputs)
+                    validate_interval(inputs.clearing)
                     outcome = self._settle(conn, inputs, rules, restaged=True)
                     # Data that arrived meanwhile bumped the version and keeps the interval pending.
                     conn.execute(

@@ -242,7 +242,12 @@ def _check_int(value: object, where: str, low: int, high: int) -> int:
 
 def validate_inputs(inputs: SettlementInputs) -> None:
     """Raise SettlementInputError for the first row that breaks a rule, naming it."""
-    c = inputs.clearing
+    validate_interval(inputs.clearing)
+    validate_rows(inputs)
+
+
+def validate_interval(c: ClearingResult) -> None:
+    """The part of `validate_inputs` that checks the clearing result's market, interval and node prices."""
     if not isinstance(c.market_id, str) or not _NAME_RE.fullmatch(c.market_id):
         raise SettlementInputError(f"clearing.market_id {c.market_id!r} must match {ACCOUNT_NAME_PATTERN}")
     _check_int(c.interval_s, "clearing.interval_s", 1, 86_400)
@@ -255,6 +260,12 @@ def validate_inputs(inputs: SettlementInputs) -> None:
         if not isinstance(node, str) or not _NODE_RE.fullmatch(node):
             raise SettlementInputError(f"clearing.node_prices: node {node!r} must match {NODE_PATTERN}")
         _check_int(price, f"clearing.node_prices[{node}]", -MAX_PRICE_MICRO_PER_KWH, MAX_PRICE_MICRO_PER_KWH)
+
+
+def validate_rows(inputs: SettlementInputs) -> None:
+    """The part of `validate_inputs` that checks trades, accepted energy and meter energy row by row
+    (given a clearing result that passes `validate_interval`)."""
+    c = inputs.clearing
     names: set[str] = set()
 
     def valid(name: object) -> bool:
@@ -853,7 +864,10 @@ def first_settlement_chunks(
     limit = MAX_AMOUNT_NANO
     new = _new_tuple
     measured = MeterQuality.MEASURED
-    accounts: dict[str, str] = {}
+    # Every participant with meter data has an account; others (only in trades) are added as met.
+    accounts = {p: f"participant:{p}" for p in state}
+    if utility_pid is not None:
+        accounts[utility_pid] = utility
     fee_rates: dict[tuple[str, str], int] = {}
     group = ""
     chunk: list[Transfer] = []
@@ -918,6 +932,12 @@ def first_settlement_chunks(
             if group and 0 < amount <= limit:
                 add(
                     new(Transfer, (tid + "dv", payer, utility, amount, CODE_DEVIATION, start_s, group, flags))
+                )
+            elif group and 0 < -amount <= limit:  # a surplus: the utility pays the participant
+                add(
+                    new(
+                        Transfer, (tid + "dv", utility, payer, -amount, CODE_DEVIATION, start_s, group, flags)
+                    )
                 )
             else:
                 leg(tid + "dv", payer, utility, amount, CODE_DEVIATION, flags)

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,7 @@ from services.ledger.domain.outcomes import SettlementStatus
 from services.ledger.domain.receipt import Receipt, verify_receipt
 from services.ledger.domain.settlement import (
     SettlementConflictError,
+    SettlementInputError,
     SettlementInputs,
     SettlementRules,
     Trade,
@@ -168,6 +170,50 @@ def test_a_settlement_refused_part_way_leaves_nothing_in_the_callers_transaction
         [Transfer("next", "utility:default", "grid_operator:default", 5, "manual")]
     ).appended
     assert store.verify(trusted_public_key=store.public_key).transfers == before["transfers"] + 1
+
+
+def test_bad_rows_found_after_the_first_transfers_went_to_the_database_leave_nothing(
+    store: LedgerStore,
+) -> None:
+    # A first settlement checks its rows once the first chunk of transfers is on its way to the
+    # database: an interval of about a thousand transfers, with the bad row last.
+    big = synthetic_day(participants=300, intervals=1)
+    good = SettlementInputs.from_json(big.recorded[0])
+    last = good.clearing.trades[-1]
+    node = last.buyer_node
+    cases = [
+        (
+            replace(good.clearing, trades=(*good.clearing.trades, replace(last, energy_wh=-5))),
+            good.meter_energy,
+            r"clearing.trades\[\d+\].energy_wh must be an integer",
+        ),
+        (
+            replace(good.clearing, trades=(*good.clearing.trades, replace(last, seller_node="nowhere"))),
+            good.meter_energy,
+            "node 'nowhere' has no price",
+        ),
+        (good.clearing, (*good.meter_energy, good.meter_energy[0]), "appears twice"),
+        (
+            replace(
+                good.clearing,
+                node_prices_micro_per_kwh={**good.clearing.node_prices_micro_per_kwh, node: 1.5},
+            ),
+            good.meter_energy,
+            rf"node_prices\[{node}\] must be an integer",
+        ),
+    ]
+    before = {table: count(store, table) for table in APPEND_ONLY}
+    for clearing_result, meter, message in cases:
+        with pytest.raises(SettlementInputError, match=message):
+            store.settle_interval(SettlementInputs(clearing_result, meter), rules(big))
+        assert {table: count(store, table) for table in APPEND_ONLY} == before
+    store.verify(trusted_public_key=store.public_key)
+    outcome = store.settle_interval(good, rules(big))
+    assert outcome.transfer_count > 3 * 256
+    assert (
+        store.verify(trusted_public_key=store.public_key).transfers
+        == before["transfers"] + outcome.transfer_count
+    )
 
 
 def test_late_measured_data_is_booked_as_flagged_corrections(store: LedgerStore, day: SyntheticDay) -> None:
