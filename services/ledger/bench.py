@@ -11,10 +11,10 @@ Per database one JSON line:
   nothing else to do: sqlite3 `executemany`; on PostgreSQL psycopg `COPY`,
   whichever of its forms was fastest (text or binary rows through
   `write_row`, or text formatted by the caller in blocks of 256 rows, as the
-  ledger writes). `ratio` = transfers_per_s / baseline_per_s.
+  ledger writes its transfers). `ratio` = transfers_per_s / baseline_per_s.
 - SQLite only, `multirow_per_s` / `multirow_ratio`: the same rows as multi-row
   `INSERT … VALUES` statements of 256 rows, the statement form the ledger
-  itself uses, which SQLite runs faster than `executemany`.
+  uses for its transfers, which SQLite runs faster than `executemany`.
 - `verify_s_per_million`: seconds `p2pgrid ledger verify` needs per million
   transfers (its verification, with its default number of worker processes),
   measured on the settled ledger.
@@ -151,7 +151,7 @@ def _copy(binary: bool) -> Insert:
 
 
 def _copy_text_blocks(cursor: Any, batch: Batch) -> None:
-    """COPY in text format, the rows formatted by the caller 256 at a time, as the ledger does."""
+    """COPY in text format, the rows formatted by the caller 256 at a time, as the ledger does its transfers."""
     transfers, chain = batch
     with cursor.copy(f"COPY transfers ({','.join(TRANSFER_COLUMNS)}) FROM STDIN") as copy:
         for i in range(0, len(transfers), CHUNK_TRANSFERS):

@@ -288,8 +288,17 @@ class _LatestRevision(NamedTuple):
 
 
 _CHECKPOINT_COLUMNS = (
-    "tree_size, origin, root_hash, chain_head, time_ms, previous_hash, public_key, signature, frontier"
+    "tree_size",
+    "origin",
+    "root_hash",
+    "chain_head",
+    "time_ms",
+    "previous_hash",
+    "public_key",
+    "signature",
+    "frontier",
 )
+_NODE_COLUMNS = ("level", "node_index", "hash")
 
 
 def migrate_ledger(engine: Engine) -> None:
@@ -366,10 +375,17 @@ class _Backend:
         all the items made since the last); return the final item."""
         raise NotImplementedError
 
-    def insert_rows(
-        self, cursor: Any, table: str, columns: Sequence[str], rows: Sequence[tuple[Any, ...]]
+    def insert_checkpoint(
+        self, cursor: Any, row: tuple[Any, ...], nodes: Sequence[tuple[int, int, bytes]]
     ) -> None:
-        raise NotImplementedError
+        """Store a batch's checkpoint row and the Merkle nodes (level, index, hash) it completed."""
+        step = 10_000  # rows per statement, within SQLite's 32,766 parameters
+        for i in range(0, len(nodes), step):
+            part = nodes[i : i + step]
+            cursor.execute(
+                self.values_sql("merkle_nodes", _NODE_COLUMNS, len(part)), list(itertools.chain(*part))
+            )
+        cursor.execute(self.values_sql("checkpoints", _CHECKPOINT_COLUMNS, 1), row)
 
     def write_accounts(
         self, cursor: Any, rows: Sequence[tuple[str, str, int, int]], new_accounts: Sequence[str]
@@ -480,15 +496,6 @@ class _SqliteBackend(_Backend):
                 return written
         raise AssertionError("the batch ended without its final item")
 
-    def insert_rows(
-        self, cursor: Any, table: str, columns: Sequence[str], rows: Sequence[tuple[Any, ...]]
-    ) -> None:
-        step = max(1, min(self.rows_per_statement, 30_000 // len(columns)))
-        flatten = itertools.chain.from_iterable
-        for i in range(0, len(rows), step):
-            chunk = rows[i : i + step]
-            cursor.execute(self._insert_sql(table, columns, len(chunk)), list(flatten(chunk)))
-
     def all_totals(self, cursor: Any) -> list[tuple[int, int]]:
         # Summed by SQLite, whose integer SUM is exact or fails ("integer overflow") once a partial
         # sum leaves 64 bits; then the totals are summed here.
@@ -592,13 +599,19 @@ class _PostgresBackend(_Backend):
         written: _Written = payloads[0]
         return written
 
-    def insert_rows(
-        self, cursor: Any, table: str, columns: Sequence[str], rows: Sequence[tuple[Any, ...]]
+    def insert_checkpoint(
+        self, cursor: Any, row: tuple[Any, ...], nodes: Sequence[tuple[int, int, bytes]]
     ) -> None:
-        # A few rows (a batch's Merkle nodes): one statement over arrays, one round trip.
+        # One statement, one round trip: the nodes (a few per batch) go in over arrays.
+        if not nodes:
+            super().insert_checkpoint(cursor, row, nodes)
+            return
+        levels, indexes, hashes = zip(*nodes, strict=True)
         cursor.execute(
-            f"INSERT INTO {table} ({','.join(columns)}) SELECT * FROM unnest({','.join(['%s'] * len(columns))})",
-            [list(column) for column in zip(*rows, strict=True)],
+            "WITH nodes AS (INSERT INTO merkle_nodes (level, node_index, hash) "
+            "SELECT * FROM unnest(%s::smallint[], %s::bigint[], %s::bytea[])) "
+            + self.values_sql("checkpoints", _CHECKPOINT_COLUMNS, 1),
+            (list(levels), list(indexes), list(hashes), *row),
         )
 
     def write_accounts(
@@ -996,11 +1009,9 @@ class LedgerStore:
         backend = self._backend
         cursor = _raw_cursor(conn)
         written = backend.write(cursor, _run_ahead(self._batch_items(state, chunks, planned, meanwhile)))
-        if written.completed:
-            backend.insert_rows(cursor, "merkle_nodes", ("level", "node_index", "hash"), written.completed)
         checkpoint = written.checkpoint
-        cursor.execute(
-            f"INSERT INTO checkpoints ({_CHECKPOINT_COLUMNS}) VALUES ({','.join([backend.placeholder] * 9)})",
+        backend.insert_checkpoint(
+            cursor,
             (
                 checkpoint.tree_size,
                 checkpoint.origin,
@@ -1012,6 +1023,7 @@ class LedgerStore:
                 checkpoint.signature,
                 written.frontier.to_bytes(),
             ),
+            written.completed,
         )
         totals = dict(state.totals)
         totals.update(written.totals)
@@ -1833,7 +1845,7 @@ def _audit(
     """Read what is fixed at the start (checkpoints, nodes, accounts, records) from `cursor`'s snapshot,
     then verify the transfers, which never change, in ranges."""
     try:
-        cursor.execute(f"SELECT {_CHECKPOINT_COLUMNS} FROM checkpoints ORDER BY tree_size")
+        cursor.execute(f"SELECT {', '.join(_CHECKPOINT_COLUMNS)} FROM checkpoints ORDER BY tree_size")
         checkpoints = [(_checkpoint_from_tuple(r), bytes(r[8])) for r in cursor.fetchall()]
         cursor.execute("SELECT level, node_index, hash FROM merkle_nodes")
         nodes = {(int(r[0]), int(r[1])): bytes(r[2]) for r in cursor.fetchall()}
