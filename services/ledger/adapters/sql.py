@@ -428,11 +428,11 @@ def _kind(item: BatchItem) -> str:
 
 class _SqliteBackend(_Backend):
     placeholder = "?"
-    # Multi-row INSERTs bind a whole chunk at once: ~1.5x the rows/s of executemany with the same rows.
-    rows_per_statement = CHUNK_TRANSFERS
-    # A chunk's chain rows take their transfer ids from the transfers just inserted and their hashes
-    # from two blobs of 32-byte hashes: four parameters instead of four per row, so SQLite does the
-    # work (without the GIL) and this process only joins the hashes.
+    # Transfers go in as multi-row INSERTs, which bind whole chunks at once: ~1.5x the rows/s of
+    # executemany with the same rows. A chunk's chain rows take their transfer ids from the
+    # transfers just inserted and their hashes from two blobs of 32-byte hashes: four parameters
+    # instead of four per row, so SQLite does the work (without the GIL) and this process only
+    # joins the hashes.
     chain_sql = (
         "INSERT INTO chain (seq, transfer_id, entry_hash, chained_hash) "
         "SELECT seq, transfer_id, substr(?1, ((seq - ?3) << 5) + 1, 32), substr(?2, ((seq - ?3) << 5) + 1, 32) "
@@ -994,11 +994,11 @@ class LedgerStore:
         planned: tuple[Mapping[str, AccountTotals], Sequence[str]] | None,
         meanwhile: Callable[[], None] | None = None,
     ) -> Checkpoint:
-        """Append transfers after `state`: rows, totals, chain, nodes, balance check, checkpoint.
+        """Append transfers after `state`: rows, totals and balance check, chain, nodes, checkpoint.
 
         The Python work of the batch (rows, the new totals unless `planned`
-        gives them (with the new accounts), hashes, Merkle nodes, then the
-        signature and `meanwhile`) is a generator of rows to insert,
+        gives them (with the new accounts), `meanwhile`, hashes, Merkle nodes,
+        then the signature) is a generator of rows to insert,
         `_batch_items`, run ahead in a helper thread; the backend inserts each
         item as it comes, so the database stores one chunk while the next is
         made or hashed: PostgreSQL in its own process, SQLite in this thread,
