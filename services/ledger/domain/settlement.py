@@ -570,15 +570,18 @@ def initial_meter_state(
 ) -> MeterState:
     """The meter data of a first settlement: what was delivered, and an estimate for every missing meter."""
     state: MeterState = {m.participant_id: (m.import_wh, m.export_wh, m.quality) for m in delivered}
+    utility_pid = rules.utility_participant_id
+    contracted = rules.missing_meter_estimate is MissingEstimate.CONTRACTED
+    missing = MeterQuality.MISSING
     for a in clearing.accepted:
-        if a.participant_id in state or a.participant_id == rules.utility_participant_id:
+        if a.participant_id in state or a.participant_id == utility_pid:
             continue
-        if rules.missing_meter_estimate is MissingEstimate.CONTRACTED:
+        if contracted:
             net_wh = a.bought_wh - a.sold_wh
-            state[a.participant_id] = (max(net_wh, 0), max(-net_wh, 0), MeterQuality.MISSING)
+            state[a.participant_id] = (max(net_wh, 0), max(-net_wh, 0), missing)
         else:
-            state[a.participant_id] = (0, 0, MeterQuality.MISSING)
-    state.pop(rules.utility_participant_id or "", None)
+            state[a.participant_id] = (0, 0, missing)
+    state.pop(utility_pid or "", None)
     return state
 
 
@@ -602,9 +605,8 @@ def merge_meter_state(old: MeterState, delivered: Sequence[MeterEnergy]) -> Mete
 
 
 def meter_state_to_json(state: MeterState) -> str:
-    return json.dumps(
-        {p: [i, e, q.value] for p, (i, e, q) in state.items()}, separators=(",", ":"), sort_keys=True
-    )
+    """`{"<participant>":[import_wh,export_wh,quality],…}`, keys sorted (JSON writes the IntEnum as its value)."""
+    return json.dumps(state, separators=(",", ":"), sort_keys=True)
 
 
 def meter_state_from_json(text: str) -> MeterState:
@@ -1023,7 +1025,8 @@ def plan_restaged_settlement(
 
 def estimated_participants(state: MeterState) -> tuple[str, ...]:
     """The participants whose meter data in `state` is not measured, sorted."""
-    return tuple(sorted(p for p, (_i, _e, q) in state.items() if q is not MeterQuality.MEASURED))
+    measured = MeterQuality.MEASURED
+    return tuple(sorted(p for p, (_i, _e, q) in state.items() if q is not measured))
 
 
 def settlement_due_s(interval_start_s: int, interval_s: int, rules: SettlementRules) -> int:

@@ -23,6 +23,8 @@ from services.ledger.domain.settlement import (
     initial_meter_state,
     legs_to_transfers,
     merge_meter_state,
+    meter_state_from_json,
+    meter_state_to_json,
     plan_first_settlement,
     plan_resettlement,
     settlement_due_s,
@@ -313,3 +315,14 @@ def test_the_first_settlement_built_chunk_by_chunk_equals_the_transfers_of_its_l
             assert all(0 < len(chunk) <= size for chunk in chunks)
             assert [t for chunk in chunks for t in chunk] == expected
         assert plan_first_settlement(SettlementInputs(clearing_result, meter), rules).transfers == expected
+
+
+def test_the_stored_meter_state_is_sorted_json_with_qualities_as_numbers_and_reads_back() -> None:
+    state = {
+        "carol": (500, 0, MeterQuality.MISSING),
+        "alice": (0, 1_000_000_000_000, MeterQuality.MEASURED),
+        "bob": (7, 3, MeterQuality.ESTIMATED),
+    }
+    text = meter_state_to_json(state)
+    assert text == '{"alice":[0,1000000000000,2],"bob":[7,3,1],"carol":[500,0,0]}'
+    assert meter_state_from_json(text) == state
