@@ -1117,6 +1117,7 @@ class LedgerStore:
         due_s = settlement_due_s(clearing.interval_start_s, clearing.interval_s, rules)
         now_s = self.clock.now_s()
         if now_s < due_s:
+            validate_rows(inputs)  # bad input is reported first, as for a due interval
             raise SettlementNotDueError(
                 f"interval {clearing.interval_start_s} of market {clearing.market_id!r} is due for settlement "
                 f"at {due_s}, it is {now_s:.0f}"
