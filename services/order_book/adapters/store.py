@@ -604,7 +604,10 @@ class BookStore:
             participants = sorted({p for p, _c in chunk})
             client_ids = sorted({c for _p, c in chunk})
             if self._postgres:
-                txn.cursor.execute(self._prefetch_sql, (participants, client_ids))
+                # Planned for each call's arrays, never prepared: the writer's connection lives for the
+                # process, and a prepared plan made while the book was small (a sequential scan) would
+                # be kept while the book grows, as inserts do not make PostgreSQL plan again.
+                txn.cursor.execute(self._prefetch_sql, (participants, client_ids), prepare=False)
             else:
                 sql = self._prefetch_sql.format(
                     participants=",".join("?" * len(participants)), client_ids=",".join("?" * len(client_ids))

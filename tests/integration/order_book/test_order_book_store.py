@@ -60,3 +60,34 @@ def test_a_commit_the_writer_did_not_see_is_healed_by_reading_the_counters_back(
     finally:
         writer.close()
         engine.dispose()
+
+
+@pytest.mark.postgres
+def test_the_writers_lookup_of_known_orders_is_planned_for_the_book_as_it_grows(postgres_url: str) -> None:
+    # A statement PostgreSQL has prepared keeps its plan until the table is analysed again: planned
+    # while the book was empty (a sequential scan), the writer's lookup of repeated client order ids
+    # would scan the whole book on every later group. The lookup is therefore never prepared.
+    engine = make_engine(postgres_url)
+    writer = BookStore(engine, RULES)
+    try:
+        writer.migrate()
+        now_s = time.time()
+        start_s = RULES.first_open_start_s(now_s) + 3600
+        writer.open_book(RULES.first_open_start_s(now_s))
+        for group in range(12):
+            writer.apply_ops(places("p1", f"c{group}", start_s=start_s), now_s)
+        connection = writer._raw
+        assert connection is not None
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT statement FROM pg_prepared_statements")
+            prepared = [row[0] for row in cursor.fetchall()]
+        connection.rollback()
+        assert not [statement for statement in prepared if "client_order_id = ANY" in statement]
+        # Repeats are still answered from the stored orders.
+        again = places("p1", "c3", start_s=start_s)
+        writer.apply_ops(again, now_s)
+        receipt = again[0].results[0]
+        assert isinstance(receipt, Receipt) and receipt.book_seq == 4
+    finally:
+        writer.close()
+        engine.dispose()
