@@ -36,7 +36,8 @@ def _cell(value: Any) -> str:
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, float):
-        return f"{value:g}" if abs(value) >= 1e-3 or value == 0 else f"{value:.6f}"
+        # Up to 15 significant digits: every figure as the JSON has it (`:g` would round 108687.8 to 108688).
+        return f"{value:.15g}" if abs(value) >= 1e-3 or value == 0 else f"{value:.6f}"
     return str(value).replace("|", "\\|").replace("\n", " ")
 
 
