@@ -45,6 +45,22 @@ def node_hash(left: bytes, right: bytes) -> bytes:
     return _sha256(b"\x01" + left + right).digest()
 
 
+def _pair_up(
+    nodes: Sequence[bytes], level: int, index: int, min_level: int, completed: list[tuple[int, int, bytes]]
+) -> list[bytes]:
+    """The next level's nodes: `nodes` (the first at even `index` of `level`) hashed two by two.
+
+    An odd last node is left out. The new nodes are added to `completed` as
+    (level, index, hash) when their level is at least `min_level`.
+    """
+    sha = _sha256
+    parents = [sha(b"\x01" + nodes[i] + nodes[i + 1]).digest() for i in range(0, len(nodes) - 1, 2)]
+    if level + 1 >= min_level:
+        first = index >> 1
+        completed.extend((level + 1, first + i, h) for i, h in enumerate(parents))
+    return parents
+
+
 def largest_power_of_two_below(n: int) -> int:
     """The largest power of two strictly smaller than n (n ≥ 2)."""
     return 1 << ((n - 1).bit_length() - 1)
@@ -103,7 +119,6 @@ class MerkleFrontier:
         from every leaf. The subtrees completed at levels ≥ min_level are
         reported level by level.
         """
-        sha = _sha256
         hashes = self.hashes
         current = list(leaves)
         index = self.size  # of current[0] within its level
@@ -116,12 +131,9 @@ class MerkleFrontier:
             count = len(current)
             if count & 1:
                 unpaired.append(current[-1])
-            parents = [sha(b"\x01" + current[i] + current[i + 1]).digest() for i in range(0, count - 1, 2)]
+            current = _pair_up(current, level, index, min_level, completed)
             level += 1
             index >>= 1
-            if level >= min_level:
-                completed.extend((level, index + i, h) for i, h in enumerate(parents))
-            current = parents
         unpaired.reverse()
         hashes.extend(unpaired)
         self.size += len(leaves)
@@ -190,7 +202,6 @@ class CompactRange:
         reaches before `begin`, so the node stays a piece of the range, as does
         every first node above it. An unpaired last node stays a piece too.
         """
-        sha = _sha256
         levels = self.levels
         hashes = self.hashes
         current = list(leaves)
@@ -214,12 +225,9 @@ class CompactRange:
             count = len(current)
             if count & 1:
                 right.append((level, current[-1]))
-            parents = [sha(b"\x01" + current[i] + current[i + 1]).digest() for i in range(0, count - 1, 2)]
+            current = _pair_up(current, level, index, min_level, completed)
             level += 1
             index >>= 1
-            if level >= min_level:
-                completed.extend((level, index + i, h) for i, h in enumerate(parents))
-            current = parents
         right.reverse()
         for piece_level, h in itertools.chain(left, right):
             levels.append(piece_level)
