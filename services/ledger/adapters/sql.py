@@ -1622,16 +1622,6 @@ class LedgerStore:
         with self.engine.connect() as conn:
             return self._last_checkpoint(conn)[0]
 
-    def checkpoint_at(self, tree_size: int) -> Checkpoint:
-        """The checkpoint of exactly `tree_size` transfers; LookupError if there is none."""
-        with self.engine.connect() as conn:
-            row = conn.execute(
-                select(checkpoints_table).where(checkpoints_table.c.tree_size == tree_size)
-            ).first()
-        if row is None:
-            raise LookupError(f"no checkpoint of size {tree_size}")
-        return _checkpoint_from_row(row)
-
     def _perfect(self, conn: Connection) -> Callable[[int, int], bytes]:
         """Perfect-subtree hashes from the stored nodes (level ≥ NODE_MIN_LEVEL) or the chain's leaf hashes."""
         memo: dict[tuple[int, int], bytes] = {}

@@ -720,17 +720,6 @@ def correction_legs(
     return out
 
 
-def transfer_id_for(market_id: str, interval_start_s: int, revision: int, key: Sequence[str]) -> str:
-    """`<interval_start_s>.<30 hex>.<tag>`, deterministic from (market, interval, revision, rule, parties).
-
-    The digest covers the parties, the tag names the rule, so the legs of one
-    trade share one digest; the interval comes first so that the ids of one
-    interval sort together and index inserts stay local.
-    """
-    text = "|".join((market_id, str(interval_start_s), str(revision), *key[1:]))
-    return f"{interval_start_s}.{sha256(text.encode()).hexdigest()[:30]}.{CODE_TAGS[key[0]]}"
-
-
 def legs_to_transfers(
     legs: Mapping[tuple[str, ...], Leg], market_id: str, interval_start_s: int, revision: int
 ) -> list[Transfer]:
