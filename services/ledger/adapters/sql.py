@@ -76,8 +76,8 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from services.domain.intervals import Clock, RealClock
 from services.ledger.domain.audit import AuditReport, LedgerAuditor, RangeResult, VerificationError
-from services.ledger.domain.chain import chain_heads, leaf_hashes
 from services.ledger.domain.checkpoint import NO_PREVIOUS, Checkpoint, sign_checkpoint
+from services.ledger.domain.hashing import leaves_and_heads
 from services.ledger.domain.ledger import (
     AccountTotals,
     GroupTotals,
@@ -89,6 +89,7 @@ from services.ledger.domain.ledger import (
     plan_batch,
 )
 from services.ledger.domain.merkle import (
+    HASH_SIZE,
     MerkleFrontier,
     ProofError,
     consistency_proof,
@@ -366,8 +367,9 @@ class _Backend:
         """A chunk of transfers in the form `write` inserts."""
         raise NotImplementedError
 
-    def chain_rows(self, first_seq: int, leaves: list[bytes], heads: list[bytes]) -> Any:
-        """The chain rows of a chunk whose transfers were inserted, in the form `write` inserts."""
+    def chain_rows(self, first_seq: int, leaves: bytes, heads: bytes) -> Any:
+        """The chain rows of a chunk whose transfers were inserted (its entry and chained hashes, each
+        joined into one byte string), in the form `write` inserts."""
         raise NotImplementedError
 
     def write(self, cursor: Any, batches: Iterator[list[BatchItem]]) -> _Written:
@@ -460,8 +462,8 @@ class _SqliteBackend(_Backend):
             seq += 1
         return len(chunk), params
 
-    def chain_rows(self, first_seq: int, leaves: list[bytes], heads: list[bytes]) -> Any:
-        return (b"".join(leaves), b"".join(heads), first_seq, first_seq + len(leaves))
+    def chain_rows(self, first_seq: int, leaves: bytes, heads: bytes) -> Any:
+        return (leaves, heads, first_seq, first_seq + len(leaves) // HASH_SIZE)
 
     def write(self, cursor: Any, batches: Iterator[list[BatchItem]]) -> _Written:
         execute = cursor.execute
@@ -557,12 +559,12 @@ class _PostgresBackend(_Backend):
             ]
         )
 
-    def chain_rows(self, first_seq: int, leaves: list[bytes], heads: list[bytes]) -> Any:
+    def chain_rows(self, first_seq: int, leaves: bytes, heads: bytes) -> Any:
         return {
-            "leaves": b"".join(leaves),
-            "heads": b"".join(heads),
+            "leaves": leaves,
+            "heads": heads,
             "first": first_seq,
-            "end": first_seq + len(leaves),
+            "end": first_seq + len(leaves) // HASH_SIZE,
         }
 
     def write(self, cursor: Any, batches: Iterator[list[BatchItem]]) -> _Written:
@@ -1078,10 +1080,13 @@ class LedgerStore:
         completed: list[tuple[int, int, bytes]] = []
         first_seq = state.seq + 1
         for chunk in made:
-            leaves = leaf_hashes(chunk)
-            heads = chain_heads(head, leaves)
-            head = heads[-1]
-            frontier.extend(leaves, NODE_MIN_LEVEL, completed)
+            leaves, heads = leaves_and_heads(chunk, head)
+            head = heads[-HASH_SIZE:]
+            frontier.extend(
+                [leaves[i : i + HASH_SIZE] for i in range(0, len(leaves), HASH_SIZE)],
+                NODE_MIN_LEVEL,
+                completed,
+            )
             yield "chain", backend.chain_rows(first_seq, leaves, heads)
             first_seq += len(chunk)
         checkpoint = self._sign(state.checkpoint, frontier, head)

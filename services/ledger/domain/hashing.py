@@ -10,6 +10,13 @@ needs about 0.35 µs per 64-byte message on the 2-core benchmark machine and
 call slowly, CPython's can be the cheaper one. Both compute the standard
 SHA-256, so the choice changes no digest: it is made once, at import, by
 timing a few hundred calls of each.
+
+The per-transfer work (entry hashes and chain links, one Merkle level at a
+time, the short digests in transfer ids) is also offered for many messages
+at once: `leaves_and_heads`, `pair_up_level` and `short_hex_digests`. They
+run in the compiled module `services.ledger._native` when it was built (it is
+built by `pip install`, which needs a C compiler and Python's headers), and
+in Python otherwise; both give the same bytes (`NATIVE` says which runs).
 """
 
 from __future__ import annotations
@@ -17,8 +24,9 @@ from __future__ import annotations
 import hashlib
 import importlib
 import time
-from collections.abc import Callable
-from typing import Protocol
+from collections.abc import Callable, Sequence
+from types import ModuleType
+from typing import Any, Protocol
 
 
 class Hash(Protocol):
@@ -60,3 +68,74 @@ def _cheapest_sha256() -> Callable[[bytes], Hash]:
 
 sha256: Callable[[bytes], Hash] = _cheapest_sha256()
 """SHA-256 of one message: `sha256(data).digest()`."""
+
+
+ENTRY_PREFIX = "p2pgrid-transfer-v1"
+"""The first field of every transfer's entry (see services/ledger/domain/chain.py)."""
+
+
+def python_leaves_and_heads(transfers: Sequence[Sequence[Any]], previous: bytes) -> tuple[bytes, bytes]:
+    """The entry hashes of `transfers` and their chained hashes after `previous`, each joined into one byte string."""
+    sha = sha256
+    prefix = f"\x00{ENTRY_PREFIX}|"
+    leaves = [
+        sha(f"{prefix}{tid}|{debit}|{credit}|{amount}|{code}|{start}|{group}|{flags}".encode()).digest()
+        for tid, debit, credit, amount, code, start, group, flags in transfers
+    ]
+    heads: list[bytes] = []
+    push = heads.append
+    for h in leaves:
+        previous = sha(previous + h).digest()
+        push(previous)
+    return b"".join(leaves), b"".join(heads)
+
+
+def python_pair_up_level(nodes: bytes) -> bytes:
+    """32-byte `nodes` hashed two by two into the next Merkle level, SHA-256(0x01 || left || right)."""
+    if len(nodes) % 32:
+        raise ValueError("nodes must be a whole number of 32-byte hashes")
+    sha = sha256
+    return b"".join(
+        [sha(b"\x01" + nodes[i : i + 64]).digest() for i in range(0, len(nodes) - len(nodes) % 64, 64)]
+    )
+
+
+def python_short_hex_digests(messages: Sequence[str], digits: int) -> list[str]:
+    """The first `digits` hex digits of the SHA-256 of each message's UTF-8 encoding."""
+    if not 0 <= digits <= 64:
+        raise ValueError("digits must be between 0 and 64")
+    sha = sha256
+    return [sha(m.encode()).hexdigest()[:digits] for m in messages]
+
+
+def _native_module() -> ModuleType | None:
+    try:
+        return importlib.import_module("services.ledger._native")
+    except ImportError:
+        return None
+
+
+_native = _native_module()
+NATIVE: str | None = None if _native is None else str(_native.IMPLEMENTATION)
+"""How the compiled module hashes ("SHA extensions" or "portable C"), or None when it is not built."""
+
+
+def leaves_and_heads(transfers: Sequence[Sequence[Any]], previous: bytes) -> tuple[bytes, bytes]:
+    """As `python_leaves_and_heads`; compiled when built. A field that is neither str nor a 64-bit
+    int (which no well-formed transfer has) is written by Python."""
+    if _native is not None:
+        try:
+            result: tuple[bytes, bytes] = _native.leaves_and_heads(transfers, previous)
+            return result
+        except (TypeError, OverflowError):
+            pass
+    return python_leaves_and_heads(transfers, previous)
+
+
+pair_up_level: Callable[[bytes], bytes] = python_pair_up_level if _native is None else _native.pair_up
+"""As `python_pair_up_level`; compiled when built."""
+
+short_hex_digests: Callable[[Sequence[str], int], list[str]] = (
+    python_short_hex_digests if _native is None else _native.short_hex_digests
+)
+"""As `python_short_hex_digests`; compiled when built."""

@@ -25,12 +25,13 @@ import hashlib
 import itertools
 from collections.abc import Callable, Sequence
 
-from services.ledger.domain.hashing import sha256
+from services.ledger.domain.hashing import pair_up_level, sha256
 
 HASH_SIZE = 32
 EMPTY_ROOT = hashlib.sha256(b"").digest()
 
 _sha256 = sha256
+_pair_up_level = pair_up_level
 
 
 class ProofError(ValueError):
@@ -53,8 +54,8 @@ def _pair_up(
     An odd last node is left out. The new nodes are added to `completed` as
     (level, index, hash) when their level is at least `min_level`.
     """
-    sha = _sha256
-    parents = [sha(b"\x01" + nodes[i] + nodes[i + 1]).digest() for i in range(0, len(nodes) - 1, 2)]
+    level_hashes = _pair_up_level(b"".join(nodes[: len(nodes) & ~1]))
+    parents = [level_hashes[i : i + HASH_SIZE] for i in range(0, len(level_hashes), HASH_SIZE)]
     if level + 1 >= min_level:
         first = index >> 1
         completed.extend((level + 1, first + i, h) for i, h in enumerate(parents))

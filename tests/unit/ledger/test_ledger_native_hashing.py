@@ -1,0 +1,132 @@
+"""The compiled hashing module gives exactly the bytes of its Python twins, with either SHA-256 implementation."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from services.ledger.domain import hashing
+from services.ledger.domain.chain import chain_heads, leaf_hashes
+
+native: Any = pytest.importorskip("services.ledger._native") if hashing.NATIVE else None
+
+IMPLEMENTATIONS = ["portable C", "SHA extensions"]
+
+
+@pytest.fixture(params=IMPLEMENTATIONS)
+def implementation(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Each SHA-256 implementation of the compiled module in turn (skipped where the CPU has none)."""
+    assert native is not None
+    before = hashing.NATIVE
+    try:
+        native.use_implementation(request.param)
+    except ValueError:
+        pytest.skip(f"this CPU has no {request.param} implementation")
+    try:
+        yield request.param
+    finally:
+        native.use_implementation(before)
+
+
+def test_the_project_install_builds_the_compiled_hashing_module() -> None:
+    assert hashing.NATIVE in IMPLEMENTATIONS, (
+        "services.ledger._native was not built: `make setup` needs a C compiler and Python's headers"
+    )
+
+
+pytestmark_native = pytest.mark.skipif(native is None, reason="the compiled module is not built")
+
+
+@pytestmark_native
+def test_sha256_matches_hashlib_for_every_length_across_block_boundaries(implementation: str) -> None:
+    data = bytes((i * 131 + 7) % 256 for i in range(1100))
+    for length in [*range(0, 300), 1000, 1024, 1100]:
+        assert native.sha256(data[:length]) == hashlib.sha256(data[:length]).digest(), length
+
+
+text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=300)  # what UTF-8 can encode
+fields = st.one_of(
+    text,
+    st.integers(min_value=-(2**63), max_value=2**63 - 1),
+)
+transfers = st.lists(st.tuples(*[fields] * 8), max_size=40)
+
+
+@pytestmark_native
+@settings(max_examples=150, deadline=None)
+@given(transfers=transfers, previous=st.binary(min_size=32, max_size=32))
+def test_entry_and_chained_hashes_equal_the_python_ones_for_any_text_and_64_bit_integers(
+    transfers: list[tuple[Any, ...]], previous: bytes
+) -> None:
+    leaves = leaf_hashes(transfers)  # type: ignore[arg-type]
+    heads = chain_heads(previous, leaves)
+    for name in IMPLEMENTATIONS:
+        try:
+            native.use_implementation(name)
+        except ValueError:
+            continue
+        assert native.leaves_and_heads(transfers, previous) == (b"".join(leaves), b"".join(heads))
+    native.use_implementation(hashing.NATIVE)
+    assert hashing.leaves_and_heads(transfers, previous) == (b"".join(leaves), b"".join(heads))
+
+
+def test_fields_the_compiled_module_does_not_write_fall_back_to_python() -> None:
+    odd = [("t", "a", "b", True, "c", 2**70, "", -(2**64))]
+    expected = hashing.python_leaves_and_heads(odd, bytes(32))
+    assert hashing.leaves_and_heads(odd, bytes(32)) == expected
+    assert (
+        expected[0]
+        == hashlib.sha256(
+            b"\x00p2pgrid-transfer-v1|t|a|b|True|c|" + str(2**70).encode() + b"||-" + str(2**64).encode()
+        ).digest()
+    )
+
+
+@pytestmark_native
+def test_a_previous_chained_hash_that_is_not_32_bytes_is_refused() -> None:
+    with pytest.raises(ValueError, match="32 bytes"):
+        native.leaves_and_heads([], bytes(31))
+    with pytest.raises(TypeError, match="8 fields"):
+        native.leaves_and_heads([("a",) * 7], bytes(32))
+
+
+@pytestmark_native
+@settings(max_examples=60, deadline=None)
+@given(count=st.integers(min_value=0, max_value=70), seed=st.binary(min_size=1, max_size=8))
+def test_merkle_levels_equal_the_python_ones_and_leave_an_odd_last_node_out(count: int, seed: bytes) -> None:
+    nodes = b"".join(hashlib.sha256(seed + i.to_bytes(2, "big")).digest() for i in range(count))
+    expected = hashing.python_pair_up_level(nodes)
+    assert len(expected) == 32 * (count // 2)
+    assert native.pair_up(nodes) == expected
+
+
+def test_a_merkle_level_that_is_not_whole_hashes_is_refused_by_both() -> None:
+    with pytest.raises(ValueError, match="32-byte"):
+        hashing.python_pair_up_level(bytes(33))
+    if native is not None:
+        with pytest.raises(ValueError, match="32-byte"):
+            native.pair_up(bytes(33))
+
+
+@pytestmark_native
+@settings(max_examples=100, deadline=None)
+@given(messages=st.lists(text, max_size=30), digits=st.integers(min_value=0, max_value=64))
+def test_short_hex_digests_equal_hashlibs_hexdigest_prefix(messages: list[str], digits: int) -> None:
+    expected = [hashlib.sha256(m.encode()).hexdigest()[:digits] for m in messages]
+    assert native.short_hex_digests(messages, digits) == expected
+    assert hashing.python_short_hex_digests(messages, digits) == expected
+
+
+@pytestmark_native
+def test_short_hex_digests_refuse_what_is_not_text_or_too_many_digits() -> None:
+    with pytest.raises(TypeError, match="str"):
+        native.short_hex_digests([b"bytes"], 30)
+    with pytest.raises(ValueError, match="between 0 and 64"):
+        native.short_hex_digests([], 65)
+    with pytest.raises(ValueError, match="between 0 and 64"):
+        hashing.python_short_hex_digests([], 65)
