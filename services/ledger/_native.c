@@ -450,6 +450,58 @@ static PyObject *native_short_hex_digests(PyObject *Py_UNUSED(self), PyObject *a
     return out;
 }
 
+PyDoc_STRVAR(add_totals_doc,
+             "add_totals(transfers, debited, credited, /) -> None\n\n"
+             "For each transfer (a tuple whose fields 1, 2 and 3 are its debit account, credit account and\n"
+             "amount), add the amount to debited[debit account] and credited[credit account] (from 0).");
+
+static int add_to(PyObject *totals, PyObject *key, PyObject *amount)
+{
+    PyObject *before = PyDict_GetItemWithError(totals, key); /* borrowed */
+    if (before == NULL) {
+        if (PyErr_Occurred()) {
+            return -1;
+        }
+        return PyDict_SetItem(totals, key, amount);
+    }
+    PyObject *after = PyNumber_Add(before, amount);
+    if (after == NULL) {
+        return -1;
+    }
+    int status = PyDict_SetItem(totals, key, after);
+    Py_DECREF(after);
+    return status;
+}
+
+static PyObject *native_add_totals(PyObject *Py_UNUSED(self), PyObject *args)
+{
+    PyObject *transfers, *debited, *credited;
+    if (!PyArg_ParseTuple(args, "OO!O!:add_totals", &transfers, &PyDict_Type, &debited, &PyDict_Type, &credited)) {
+        return NULL;
+    }
+    PyObject *seq = PySequence_Fast(transfers, "transfers must be a sequence");
+    if (seq == NULL) {
+        return NULL;
+    }
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *t = PySequence_Fast_GET_ITEM(seq, i);
+        if (!PyTuple_Check(t) || PyTuple_GET_SIZE(t) < 4) {
+            PyErr_SetString(PyExc_TypeError, "a transfer must be a tuple of at least 4 fields");
+            Py_DECREF(seq);
+            return NULL;
+        }
+        PyObject *amount = PyTuple_GET_ITEM(t, 3);
+        if (add_to(debited, PyTuple_GET_ITEM(t, 1), amount) < 0 ||
+            add_to(credited, PyTuple_GET_ITEM(t, 2), amount) < 0) {
+            Py_DECREF(seq);
+            return NULL;
+        }
+    }
+    Py_DECREF(seq);
+    Py_RETURN_NONE;
+}
+
 PyDoc_STRVAR(use_implementation_doc,
              "use_implementation(name, /) -> None\n\n"
              "Hash with \"portable C\" or \"SHA extensions\" from now on (for tests: both must agree).\n"
@@ -482,6 +534,7 @@ static PyObject *native_use_implementation(PyObject *Py_UNUSED(self), PyObject *
 
 static PyMethodDef methods[] = {
     {"use_implementation", native_use_implementation, METH_O, use_implementation_doc},
+    {"add_totals", native_add_totals, METH_VARARGS, add_totals_doc},
     {"sha256", native_sha256, METH_O, sha256_doc},
     {"leaves_and_heads", native_leaves_and_heads, METH_VARARGS, leaves_and_heads_doc},
     {"pair_up", native_pair_up, METH_O, pair_up_doc},

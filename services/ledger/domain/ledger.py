@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import itertools
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import NamedTuple
@@ -358,6 +358,13 @@ def plan_batch(
     )
 
 
+_add_totals: Callable[[Sequence[Transfer], dict[str, int], dict[str, int]], None] | None
+try:  # the same sums in compiled code, when services/ledger/_native.c was built
+    from services.ledger._native import add_totals as _add_totals
+except ImportError:  # pragma: no cover - a build without a C compiler
+    _add_totals = None
+
+
 class GroupTotals:
     """What a linked group of trusted, new transfers debits and credits per account, added up chunk by chunk."""
 
@@ -367,7 +374,10 @@ class GroupTotals:
         self.debited: dict[str, int] = {}
         self.credited: dict[str, int] = {}
 
-    def add(self, transfers: Iterable[Transfer]) -> None:
+    def add(self, transfers: Sequence[Transfer]) -> None:
+        if _add_totals is not None:
+            _add_totals(transfers, self.debited, self.credited)
+            return
         debited = self.debited
         credited = self.credited
         debited_get = debited.get

@@ -48,7 +48,7 @@ from typing import Any, NamedTuple
 import yaml
 
 from services.domain.intervals import DEFAULT_INTERVAL_S, Interval
-from services.ledger.domain.hashing import sha256
+from services.ledger.domain.hashing import short_hex_digests
 from services.ledger.domain.ledger import (
     ACCOUNT_NAME_PATTERN,
     FLAG_CORRECTION,
@@ -720,36 +720,47 @@ def correction_legs(
     return out
 
 
+def id_stems(market_id: str, interval_start_s: int, revision: int, parties: Sequence[str]) -> list[str]:
+    """The transfer ids without their tags, one per joined parties (`"|".join(key[1:])` of a leg):
+    `<interval_start_s>.<first 30 hex digits of SHA-256(market|interval|revision|parties)>.`
+
+    The legs of one trade share their parties, so their ids differ only in the
+    tag (`CODE_TAGS`) appended to the stem.
+    """
+    prefix = f"{market_id}|{interval_start_s}|{revision}|"
+    id_prefix = f"{interval_start_s}."
+    return [f"{id_prefix}{d}." for d in short_hex_digests([prefix + p for p in parties], 30)]
+
+
 def legs_to_transfers(
     legs: Mapping[tuple[str, ...], Leg], market_id: str, interval_start_s: int, revision: int
 ) -> list[Transfer]:
     """The transfers that book `legs`, sorted by id and all linked into one group (all or nothing)."""
-    sha = sha256
-    prefix = f"{market_id}|{interval_start_s}|{revision}|"
-    id_prefix = f"{interval_start_s}."
     base_flags = FLAG_CORRECTION if revision else 0
     estimated_flags = base_flags | FLAG_ESTIMATED
-    digests: dict[tuple[str, ...], str] = {}
+    booked = [(key, leg) for key, leg in legs.items() if leg[3]]
+    parties_of = {key[1:]: "|".join(key[1:]) for key, _leg in booked}
+    stems = dict(
+        zip(
+            parties_of,
+            id_stems(market_id, interval_start_s, revision, list(parties_of.values())),
+            strict=True,
+        )
+    )
     staged: list[tuple[str, str, str, int, str, int]] = []
     push = staged.append
-    for key, leg in legs.items():
+    for key, leg in booked:
         amount = leg[3]
-        if not amount:
-            continue
         if amount > 0:
             debit, credit = leg[1], leg[2]
         else:
             debit, credit, amount = leg[2], leg[1], -amount
         if amount > MAX_AMOUNT_NANO:
             raise SettlementInputError(f"leg {key}: amount {amount} nano exceeds one transfer's limit")
-        parties = key[1:]
-        digest = digests.get(parties)
-        if digest is None:
-            digest = digests[parties] = sha((prefix + "|".join(parties)).encode()).hexdigest()[:30]
         code = key[0]
         push(
             (
-                f"{id_prefix}{digest}.{CODE_TAGS[code]}",
+                stems[key[1:]] + CODE_TAGS[code],
                 debit,
                 credit,
                 amount,
@@ -804,9 +815,6 @@ def first_settlement_chunks(
     prices = clearing.node_prices_micro_per_kwh
     utility = rules.utility_account
     utility_pid = rules.utility_participant_id
-    sha = sha256
-    prefix = f"{market_id}|{start_s}|0|"
-    id_prefix = f"{start_s}."
 
     energy: dict[tuple[str, str, str, str], int] = {}
     get = energy.get
@@ -816,14 +824,12 @@ def first_settlement_chunks(
     # What each id stands for, (id without its tag, kind, parties, amount): kind 0 a trade (its key
     # and energy), 1 the congestion rent, 2 a deviation (the participant and the amount it owes).
     # The ids share their prefix, so they sort as their digests.
-    order: list[tuple[str, int, Any, int]] = [
-        (f"{id_prefix}{sha(f'{prefix}{b}|{bn}|{s}|{sn}'.encode()).hexdigest()[:30]}.", 0, k, e)
-        for k, e in energy.items()
-        for b, bn, s, sn in (k,)
-    ]
+    order: list[tuple[str, int, Any, int]] = [("", 0, k, e) for k, e in energy.items()]
+    parties = ["|".join(k) for k in energy]
     rent = sum(e * (prices[bn] - prices[sn]) for (_b, bn, _s, sn), e in energy.items() if bn != sn)
     if rent:
-        order.append((f"{id_prefix}{sha(prefix.encode()).hexdigest()[:30]}.", 1, None, rent))
+        order.append(("", 1, None, rent))
+        parties.append("")
     contracted = {a.participant_id: a.bought_wh - a.sold_wh for a in clearing.accepted}
     retail = rules.retail_tariff_micro_per_kwh
     feed_in = rules.feed_in_tariff_micro_per_kwh
@@ -834,14 +840,15 @@ def first_settlement_chunks(
         deviation_wh = (import_wh - export_wh) - contracted.get(participant, 0)
         amount = deviation_wh * (retail if deviation_wh > 0 else feed_in)
         if amount:
-            push(
-                (
-                    f"{id_prefix}{sha((prefix + participant).encode()).hexdigest()[:30]}.",
-                    2,
-                    participant,
-                    amount,
-                )
-            )
+            push(("", 2, participant, amount))
+            parties.append(participant)
+    # Every id's stem at once; the stems share their prefix, so the ids sort as their digests.
+    order = [
+        (stem, kind, what, amount)
+        for stem, (_k, kind, what, amount) in zip(
+            id_stems(market_id, start_s, 0, parties), order, strict=True
+        )
+    ]
     order.sort(key=_FIRST)
     if len(set(map(_FIRST, order))) != len(order):
         whole = legs_to_transfers(settlement_legs(clearing, state, rules), market_id, start_s, 0)

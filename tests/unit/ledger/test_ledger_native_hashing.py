@@ -130,3 +130,33 @@ def test_short_hex_digests_refuse_what_is_not_text_or_too_many_digits() -> None:
         native.short_hex_digests([], 65)
     with pytest.raises(ValueError, match="between 0 and 64"):
         hashing.python_short_hex_digests([], 65)
+
+
+@pytestmark_native
+@settings(max_examples=100, deadline=None)
+@given(
+    rows=st.lists(
+        st.tuples(
+            st.sampled_from("abcd"), st.sampled_from("cdef"), st.integers(min_value=1, max_value=2**70)
+        ),
+        max_size=40,
+    ),
+    start=st.dictionaries(st.sampled_from("abcdef"), st.integers(min_value=0, max_value=2**64)),
+)
+def test_account_sums_add_every_amount_to_its_debit_and_credit_account_exactly(
+    rows: list[tuple[str, str, int]], start: dict[str, int]
+) -> None:
+    transfers = [("id", debit, credit, amount, "code", 0, "", 0) for debit, credit, amount in rows]
+    debited, credited = dict(start), dict(start)
+    native.add_totals(transfers, debited, credited)
+    expected_debited, expected_credited = dict(start), dict(start)
+    for _id, debit, credit, amount, *_rest in transfers:
+        expected_debited[debit] = expected_debited.get(debit, 0) + amount
+        expected_credited[credit] = expected_credited.get(credit, 0) + amount
+    assert (debited, credited) == (expected_debited, expected_credited)
+
+
+@pytestmark_native
+def test_account_sums_refuse_a_row_that_is_not_a_transfer_tuple() -> None:
+    with pytest.raises(TypeError, match="at least 4 fields"):
+        native.add_totals([("id", "a", "b")], {}, {})
