@@ -234,6 +234,22 @@ static int buffer_put(Buffer *b, const char *s, size_t n)
     return 0;
 }
 
+/* Append the decimal digits of `v`, as str() writes them. */
+static int buffer_put_int(Buffer *b, long long v)
+{
+    char digits[24];
+    char *end = digits + sizeof digits, *p = end;
+    unsigned long long u = v < 0 ? 0ULL - (unsigned long long)v : (unsigned long long)v;
+    do {
+        *--p = (char)('0' + u % 10);
+        u /= 10;
+    } while (u);
+    if (v < 0) {
+        *--p = '-';
+    }
+    return buffer_put(b, p, (size_t)(end - p));
+}
+
 /* Append str(value) for a str or an int (exactly as Python writes it); anything else is a TypeError. */
 static int buffer_put_field(Buffer *b, PyObject *value)
 {
@@ -254,17 +270,7 @@ static int buffer_put_field(Buffer *b, PyObject *value)
             }
             return -1;
         }
-        char digits[24];
-        char *end = digits + sizeof digits, *p = end;
-        unsigned long long u = v < 0 ? 0ULL - (unsigned long long)v : (unsigned long long)v;
-        do {
-            *--p = (char)('0' + u % 10);
-            u /= 10;
-        } while (u);
-        if (v < 0) {
-            *--p = '-';
-        }
-        return buffer_put(b, p, (size_t)(end - p));
+        return buffer_put_int(b, v);
     }
     PyErr_Format(PyExc_TypeError, "a transfer field is a %.100s, not a str or an int", Py_TYPE(value)->tp_name);
     return -1;
@@ -450,6 +456,52 @@ static PyObject *native_short_hex_digests(PyObject *Py_UNUSED(self), PyObject *a
     return out;
 }
 
+PyDoc_STRVAR(copy_rows_doc,
+             "copy_rows(first_seq, transfers, /) -> bytes\n\n"
+             "PostgreSQL COPY text rows of `transfers` numbered from `first_seq`: for each, its sequence number\n"
+             "and its fields, as str() writes them, separated by tabs and ended by a newline (fields are not\n"
+             "escaped: the caller passes only fields without tab, newline or backslash).");
+
+static PyObject *native_copy_rows(PyObject *Py_UNUSED(self), PyObject *args)
+{
+    long long first_seq;
+    PyObject *transfers;
+    if (!PyArg_ParseTuple(args, "LO:copy_rows", &first_seq, &transfers)) {
+        return NULL;
+    }
+    PyObject *seq = PySequence_Fast(transfers, "transfers must be a sequence");
+    if (seq == NULL) {
+        return NULL;
+    }
+    Buffer out;
+    buffer_init(&out);
+    PyObject *result = NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *t = PySequence_Fast_GET_ITEM(seq, i);
+        if (!PyTuple_Check(t) || PyTuple_GET_SIZE(t) != TRANSFER_FIELDS) {
+            PyErr_SetString(PyExc_TypeError, "a transfer must be a tuple of 8 fields");
+            goto done;
+        }
+        if (buffer_put_int(&out, first_seq + i) < 0) {
+            goto done;
+        }
+        for (int f = 0; f < TRANSFER_FIELDS; f++) {
+            if (buffer_put(&out, "\t", 1) < 0 || buffer_put_field(&out, PyTuple_GET_ITEM(t, f)) < 0) {
+                goto done;
+            }
+        }
+        if (buffer_put(&out, "\n", 1) < 0) {
+            goto done;
+        }
+    }
+    result = PyBytes_FromStringAndSize(out.data, (Py_ssize_t)out.len);
+done:
+    buffer_free(&out);
+    Py_DECREF(seq);
+    return result;
+}
+
 PyDoc_STRVAR(add_totals_doc,
              "add_totals(transfers, debited, credited, /) -> None\n\n"
              "For each transfer (a tuple whose fields 1, 2 and 3 are its debit account, credit account and\n"
@@ -535,6 +587,7 @@ static PyObject *native_use_implementation(PyObject *Py_UNUSED(self), PyObject *
 static PyMethodDef methods[] = {
     {"use_implementation", native_use_implementation, METH_O, use_implementation_doc},
     {"add_totals", native_add_totals, METH_VARARGS, add_totals_doc},
+    {"copy_rows", native_copy_rows, METH_VARARGS, copy_rows_doc},
     {"sha256", native_sha256, METH_O, sha256_doc},
     {"leaves_and_heads", native_leaves_and_heads, METH_VARARGS, leaves_and_heads_doc},
     {"pair_up", native_pair_up, METH_O, pair_up_doc},

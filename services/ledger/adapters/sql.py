@@ -77,7 +77,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from services.domain.intervals import Clock, RealClock
 from services.ledger.domain.audit import AuditReport, LedgerAuditor, RangeResult, VerificationError
 from services.ledger.domain.checkpoint import NO_PREVIOUS, Checkpoint, sign_checkpoint
-from services.ledger.domain.hashing import leaves_and_heads
+from services.ledger.domain.hashing import copy_rows, leaves_and_heads
 from services.ledger.domain.ledger import (
     AccountTotals,
     GroupTotals,
@@ -550,14 +550,7 @@ class _PostgresBackend(_Backend):
     # their patterns (no tab, newline or backslash; checked for every transfer from outside, and the
     # settlement builds its own from checked names) and the rest are integers.
     def transfer_rows(self, first_seq: int, chunk: Sequence[Transfer]) -> Any:
-        return "".join(
-            [
-                f"{seq}\t{tid}\t{debit}\t{credit}\t{amount}\t{code}\t{start}\t{group}\t{flags}\n"
-                for seq, (tid, debit, credit, amount, code, start, group, flags) in zip(
-                    itertools.count(first_seq), chunk
-                )
-            ]
-        )
+        return copy_rows(first_seq, chunk)
 
     def chain_rows(self, first_seq: int, leaves: bytes, heads: bytes) -> Any:
         return {
@@ -576,7 +569,7 @@ class _PostgresBackend(_Backend):
         if kind == "transfers":
             with cursor.copy(f"COPY transfers ({','.join(TRANSFER_COLUMNS)}) FROM STDIN") as copy:
                 while kind == "transfers":
-                    copy.write("".join(payloads))
+                    copy.write(b"".join(payloads))
                     kind, payloads = next(runs)
         while kind != "done":
             if kind == "accounts":
@@ -1082,11 +1075,7 @@ class LedgerStore:
         for chunk in made:
             leaves, heads = leaves_and_heads(chunk, head)
             head = heads[-HASH_SIZE:]
-            frontier.extend(
-                [leaves[i : i + HASH_SIZE] for i in range(0, len(leaves), HASH_SIZE)],
-                NODE_MIN_LEVEL,
-                completed,
-            )
+            frontier.extend_joined(leaves, NODE_MIN_LEVEL, completed)
             yield "chain", backend.chain_rows(first_seq, leaves, heads)
             first_seq += len(chunk)
         checkpoint = self._sign(state.checkpoint, frontier, head)

@@ -12,8 +12,9 @@ SHA-256, so the choice changes no digest: it is made once, at import, by
 timing a few hundred calls of each.
 
 The per-transfer work (entry hashes and chain links, one Merkle level at a
-time, the short digests in transfer ids) is also offered for many messages
-at once: `leaves_and_heads`, `pair_up_level` and `short_hex_digests`. They
+time, the short digests in transfer ids, and the transfers' rows for
+PostgreSQL's COPY) is also offered for many transfers at once:
+`leaves_and_heads`, `pair_up_level`, `short_hex_digests`, `copy_rows`. They
 run in the compiled module `services.ledger._native` when it was built (it is
 built by `pip install`, which needs a C compiler and Python's headers), and
 in Python otherwise; both give the same bytes (`NATIVE` says which runs).
@@ -130,6 +131,31 @@ def leaves_and_heads(transfers: Sequence[Sequence[Any]], previous: bytes) -> tup
         except (TypeError, OverflowError):
             pass
     return python_leaves_and_heads(transfers, previous)
+
+
+def python_copy_rows(first_seq: int, transfers: Sequence[Sequence[Any]]) -> bytes:
+    """PostgreSQL COPY text rows: each transfer's sequence number (from `first_seq`) and fields,
+    tab-separated, one line each. No field is escaped: the caller passes none with a tab, newline or
+    backslash."""
+    return "".join(
+        [
+            f"{seq}\t{tid}\t{debit}\t{credit}\t{amount}\t{code}\t{start}\t{group}\t{flags}\n"
+            for seq, (tid, debit, credit, amount, code, start, group, flags) in enumerate(
+                transfers, first_seq
+            )
+        ]
+    ).encode()
+
+
+def copy_rows(first_seq: int, transfers: Sequence[Sequence[Any]]) -> bytes:
+    """As `python_copy_rows`; compiled when built."""
+    if _native is not None:
+        try:
+            rows: bytes = _native.copy_rows(first_seq, transfers)
+            return rows
+        except (TypeError, OverflowError):
+            pass
+    return python_copy_rows(first_seq, transfers)
 
 
 pair_up_level: Callable[[bytes], bytes] = python_pair_up_level if _native is None else _native.pair_up

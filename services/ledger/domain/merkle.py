@@ -120,24 +120,35 @@ class MerkleFrontier:
         from every leaf. The subtrees completed at levels ≥ min_level are
         reported level by level.
         """
+        self.extend_joined(b"".join(leaves), min_level, completed)
+
+    def extend_joined(self, leaves: bytes, min_level: int, completed: list[tuple[int, int, bytes]]) -> None:
+        """`extend` with the leaf hashes joined into one byte string (32 bytes each)."""
+        if len(leaves) % HASH_SIZE:
+            raise ValueError(f"leaf hashes must be a whole number of {HASH_SIZE}-byte hashes")
         hashes = self.hashes
-        current = list(leaves)
-        index = self.size  # of current[0] within its level
+        current = leaves
+        index = self.size  # of the first node of `current` within its level
         level = 0
         unpaired: list[bytes] = []  # the new frontier nodes, lowest level first
         while current:
             if index & 1:
-                current.insert(0, hashes.pop())
+                current = hashes.pop() + current
                 index -= 1
-            count = len(current)
-            if count & 1:
-                unpaired.append(current[-1])
-            current = _pair_up(current, level, index, min_level, completed)
+            if len(current) & HASH_SIZE:  # an odd number of nodes
+                unpaired.append(current[-HASH_SIZE:])
+            parents = _pair_up_level(current)
             level += 1
             index >>= 1
+            if level >= min_level:
+                completed.extend(
+                    (level, index + i, parents[HASH_SIZE * i : HASH_SIZE * (i + 1)])
+                    for i in range(len(parents) // HASH_SIZE)
+                )
+            current = parents
         unpaired.reverse()
         hashes.extend(unpaired)
-        self.size += len(leaves)
+        self.size += len(leaves) // HASH_SIZE
 
     def root(self) -> bytes:
         hashes = self.hashes

@@ -160,3 +160,20 @@ def test_account_sums_add_every_amount_to_its_debit_and_credit_account_exactly(
 def test_account_sums_refuse_a_row_that_is_not_a_transfer_tuple() -> None:
     with pytest.raises(TypeError, match="at least 4 fields"):
         native.add_totals([("id", "a", "b")], {}, {})
+
+
+@pytestmark_native
+@settings(max_examples=100, deadline=None)
+@given(transfers=transfers, first_seq=st.integers(min_value=1, max_value=2**62))
+def test_copy_rows_equal_the_python_ones_line_for_line(
+    transfers: list[tuple[Any, ...]], first_seq: int
+) -> None:
+    expected = hashing.python_copy_rows(first_seq, transfers)
+    assert native.copy_rows(first_seq, transfers) == expected
+    assert hashing.copy_rows(first_seq, transfers) == expected
+    assert expected.count(b"\n") >= len(transfers)
+
+
+def test_copy_rows_write_fields_the_compiled_module_does_not_as_python_does() -> None:
+    rows = hashing.copy_rows(7, [("t", "a", "b", True, "c", 2**70, "", 1)])
+    assert rows == f"7\tt\ta\tb\tTrue\tc\t{2**70}\t\t1\n".encode()
