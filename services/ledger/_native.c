@@ -456,6 +456,240 @@ static PyObject *native_short_hex_digests(PyObject *Py_UNUSED(self), PyObject *a
     return out;
 }
 
+
+/* ------------------------------------------------------------------ first settlement */
+
+static PyObject *zero_int; /* 0, made at import */
+
+typedef struct {
+    PyObject *transfer_type; /* the Transfer named tuple */
+    PyObject *out;           /* list of transfers */
+    PyObject *group;         /* linked group: the first transfer's id, or NULL */
+    PyObject *start_s;
+    PyObject *limit;
+    PyObject *error_type;
+} Legs;
+
+/* Book one leg as `leg()` in services/ledger/domain/settlement.py does: nothing for 0, payer and payee
+ * swapped for a negative amount, an error above the limit; the first transfer's id is the group. */
+static int book(Legs *legs, PyObject *stem, PyObject *tag, PyObject *payer, PyObject *payee, PyObject *amount,
+                PyObject *code, long flags)
+{
+    int sign = PyObject_RichCompareBool(amount, zero_int, Py_GT);
+    if (sign < 0) {
+        return -1;
+    }
+    PyObject *positive;
+    if (sign) {
+        positive = Py_NewRef(amount);
+    } else {
+        int zero = PyObject_RichCompareBool(amount, zero_int, Py_EQ);
+        if (zero) {
+            return zero < 0 ? -1 : 0;
+        }
+        positive = PyNumber_Negative(amount);
+        if (positive == NULL) {
+            return -1;
+        }
+        PyObject *swap = payer;
+        payer = payee;
+        payee = swap;
+    }
+    PyObject *tid = PyUnicode_Concat(stem, tag);
+    if (tid == NULL) {
+        Py_DECREF(positive);
+        return -1;
+    }
+    int over = PyObject_RichCompareBool(positive, legs->limit, Py_GT);
+    if (over) {
+        if (over > 0) {
+            PyErr_Format(legs->error_type, "leg %S %S: amount %S nano exceeds one transfer's limit", code, tid,
+                         positive);
+        }
+        Py_DECREF(tid);
+        Py_DECREF(positive);
+        return -1;
+    }
+    if (legs->group == NULL) {
+        legs->group = Py_NewRef(tid);
+    }
+    PyTypeObject *type = (PyTypeObject *)legs->transfer_type;
+    PyObject *t = type->tp_alloc(type, TRANSFER_FIELDS);
+    PyObject *flags_obj = PyLong_FromLong(flags);
+    if (t == NULL || flags_obj == NULL) {
+        Py_XDECREF(t);
+        Py_XDECREF(flags_obj);
+        Py_DECREF(tid);
+        Py_DECREF(positive);
+        return -1;
+    }
+    PyTuple_SET_ITEM(t, 0, tid);
+    PyTuple_SET_ITEM(t, 1, Py_NewRef(payer));
+    PyTuple_SET_ITEM(t, 2, Py_NewRef(payee));
+    PyTuple_SET_ITEM(t, 3, positive);
+    PyTuple_SET_ITEM(t, 4, Py_NewRef(code));
+    PyTuple_SET_ITEM(t, 5, Py_NewRef(legs->start_s));
+    PyTuple_SET_ITEM(t, 6, Py_NewRef(legs->group));
+    PyTuple_SET_ITEM(t, 7, flags_obj);
+    int status = PyList_Append(legs->out, t);
+    Py_DECREF(t);
+    return status;
+}
+
+/* dict[key], or fallback(*args) stored as dict[key] when missing; a new reference. */
+static PyObject *cached(PyObject *dict, PyObject *key, PyObject *fallback, PyObject *args)
+{
+    PyObject *found = PyDict_GetItemWithError(dict, key);
+    if (found != NULL) {
+        return Py_NewRef(found);
+    }
+    if (PyErr_Occurred()) {
+        return NULL;
+    }
+    found = PyObject_CallObject(fallback, args);
+    if (found != NULL && PyDict_SetItem(dict, key, found) < 0) {
+        Py_CLEAR(found);
+    }
+    return found;
+}
+
+static PyObject *account(PyObject *accounts, PyObject *account_of, PyObject *participant)
+{
+    PyObject *found = PyDict_GetItemWithError(accounts, participant);
+    if (found != NULL) {
+        return Py_NewRef(found);
+    }
+    if (PyErr_Occurred()) {
+        return NULL;
+    }
+    return PyObject_CallOneArg(account_of, participant);
+}
+
+PyDoc_STRVAR(first_settlement_transfers_doc,
+             "first_settlement_transfers(order, transfer_type, start_s, limit, error_type, accounts, account_of,\n"
+             "    fee_rates, fee_rate, prices, state, measured, fee_by_buyer, market, grid, utility, codes, tags,\n"
+             "    estimated_flag, /) -> list\n\n"
+             "The transfers of a first settlement from its sorted `order` of (id stem, kind, parties, amount),\n"
+             "exactly as the loop in services/ledger/domain/settlement.py first_settlement_chunks makes them.");
+
+static PyObject *native_first_settlement_transfers(PyObject *Py_UNUSED(self), PyObject *args)
+{
+    PyObject *order, *accounts, *account_of, *fee_rates, *fee_rate, *prices, *state, *measured;
+    PyObject *market, *grid, *utility, *codes, *tags;
+    int fee_by_buyer;
+    long estimated_flag;
+    Legs legs = {0};
+    if (!PyArg_ParseTuple(args, "O!OOOOO!OO!OO!O!OpOOOO!O!l:first_settlement_transfers", &PyList_Type, &order,
+                          &legs.transfer_type, &legs.start_s, &legs.limit, &legs.error_type, &PyDict_Type, &accounts,
+                          &account_of, &PyDict_Type, &fee_rates, &fee_rate, &PyDict_Type, &prices, &PyDict_Type,
+                          &state, &measured, &fee_by_buyer, &market, &grid, &utility, &PyTuple_Type, &codes,
+                          &PyTuple_Type, &tags, &estimated_flag)) {
+        return NULL;
+    }
+    if (!PyType_Check(legs.transfer_type) ||
+        !PyType_IsSubtype((PyTypeObject *)legs.transfer_type, &PyTuple_Type)) {
+        PyErr_SetString(PyExc_TypeError, "transfer_type must be a tuple type");
+        return NULL;
+    }
+    if (PyTuple_GET_SIZE(codes) != 5 || PyTuple_GET_SIZE(tags) != 5) {
+        PyErr_SetString(PyExc_ValueError, "codes and tags: grid fee, purchase, sale, deviation, congestion rent");
+        return NULL;
+    }
+    PyObject *code_fee = PyTuple_GET_ITEM(codes, 0), *code_purchase = PyTuple_GET_ITEM(codes, 1);
+    PyObject *code_sale = PyTuple_GET_ITEM(codes, 2), *code_deviation = PyTuple_GET_ITEM(codes, 3);
+    PyObject *code_rent = PyTuple_GET_ITEM(codes, 4);
+    PyObject *tag_fee = PyTuple_GET_ITEM(tags, 0), *tag_purchase = PyTuple_GET_ITEM(tags, 1);
+    PyObject *tag_sale = PyTuple_GET_ITEM(tags, 2), *tag_deviation = PyTuple_GET_ITEM(tags, 3);
+    PyObject *tag_rent = PyTuple_GET_ITEM(tags, 4);
+    legs.out = PyList_New(0);
+    if (legs.out == NULL) {
+        return NULL;
+    }
+    Py_ssize_t n = PyList_GET_SIZE(order);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *entry = PyList_GET_ITEM(order, i);
+        if (!PyTuple_Check(entry) || PyTuple_GET_SIZE(entry) != 4) {
+            PyErr_SetString(PyExc_TypeError, "an order entry is (stem, kind, parties, amount)");
+            goto fail;
+        }
+        PyObject *stem = PyTuple_GET_ITEM(entry, 0), *what = PyTuple_GET_ITEM(entry, 2);
+        PyObject *amount = PyTuple_GET_ITEM(entry, 3);
+        long kind = PyLong_AsLong(PyTuple_GET_ITEM(entry, 1));
+        if (kind == -1 && PyErr_Occurred()) {
+            goto fail;
+        }
+        if (kind == 0) {
+            if (!PyTuple_Check(what) || PyTuple_GET_SIZE(what) != 4) {
+                PyErr_SetString(PyExc_TypeError, "a trade's parties are (buyer, buyer node, seller, seller node)");
+                goto fail;
+            }
+            PyObject *buyer = PyTuple_GET_ITEM(what, 0), *buyer_node = PyTuple_GET_ITEM(what, 1);
+            PyObject *seller = PyTuple_GET_ITEM(what, 2), *seller_node = PyTuple_GET_ITEM(what, 3);
+            PyObject *buyer_account = account(accounts, account_of, buyer);
+            PyObject *seller_account = buyer_account ? account(accounts, account_of, seller) : NULL;
+            int ok = seller_account != NULL;
+            if (ok) {
+                PyObject *fee_account = fee_by_buyer ? buyer_account : seller_account;
+                int pays = PyObject_RichCompareBool(fee_account, utility, Py_NE);
+                ok = pays >= 0;
+                if (ok && pays) {
+                    PyObject *nodes = PyTuple_Pack(2, buyer_node, seller_node);
+                    PyObject *rate = nodes ? cached(fee_rates, nodes, fee_rate, nodes) : NULL;
+                    PyObject *fee = rate ? PyNumber_Multiply(amount, rate) : NULL;
+                    ok = fee != NULL && book(&legs, stem, tag_fee, fee_account, grid, fee, code_fee, 0) == 0;
+                    Py_XDECREF(nodes);
+                    Py_XDECREF(rate);
+                    Py_XDECREF(fee);
+                }
+            }
+            for (int side = 0; ok && side < 2; side++) {
+                PyObject *node = side ? seller_node : buyer_node;
+                PyObject *price = PyDict_GetItemWithError(prices, node);
+                if (price == NULL) {
+                    if (!PyErr_Occurred()) {
+                        PyErr_SetObject(PyExc_KeyError, node);
+                    }
+                    ok = 0;
+                    break;
+                }
+                PyObject *value = PyNumber_Multiply(amount, price);
+                ok = value != NULL &&
+                     (side ? book(&legs, stem, tag_sale, market, seller_account, value, code_sale, 0)
+                           : book(&legs, stem, tag_purchase, buyer_account, market, value, code_purchase, 0)) == 0;
+                Py_XDECREF(value);
+            }
+            Py_XDECREF(buyer_account);
+            Py_XDECREF(seller_account);
+            if (!ok) {
+                goto fail;
+            }
+        } else if (kind == 2) {
+            PyObject *meter = PyDict_GetItemWithError(state, what);
+            if (meter == NULL || !PyTuple_Check(meter) || PyTuple_GET_SIZE(meter) < 3) {
+                if (!PyErr_Occurred()) {
+                    PyErr_SetObject(PyExc_KeyError, what);
+                }
+                goto fail;
+            }
+            long flags = PyTuple_GET_ITEM(meter, 2) == measured ? 0 : estimated_flag;
+            PyObject *payer = account(accounts, account_of, what);
+            int ok = payer != NULL && book(&legs, stem, tag_deviation, payer, utility, amount, code_deviation, flags) == 0;
+            Py_XDECREF(payer);
+            if (!ok) {
+                goto fail;
+            }
+        } else if (book(&legs, stem, tag_rent, market, grid, amount, code_rent, 0) < 0) {
+            goto fail;
+        }
+    }
+    Py_XDECREF(legs.group);
+    return legs.out;
+fail:
+    Py_XDECREF(legs.group);
+    Py_DECREF(legs.out);
+    return NULL;
+}
+
 PyDoc_STRVAR(copy_rows_doc,
              "copy_rows(first_seq, transfers, /) -> bytes\n\n"
              "PostgreSQL COPY text rows of `transfers` numbered from `first_seq`: for each, its sequence number\n"
@@ -588,6 +822,7 @@ static PyMethodDef methods[] = {
     {"use_implementation", native_use_implementation, METH_O, use_implementation_doc},
     {"add_totals", native_add_totals, METH_VARARGS, add_totals_doc},
     {"copy_rows", native_copy_rows, METH_VARARGS, copy_rows_doc},
+    {"first_settlement_transfers", native_first_settlement_transfers, METH_VARARGS, first_settlement_transfers_doc},
     {"sha256", native_sha256, METH_O, sha256_doc},
     {"leaves_and_heads", native_leaves_and_heads, METH_VARARGS, leaves_and_heads_doc},
     {"pair_up", native_pair_up, METH_O, pair_up_doc},
@@ -615,6 +850,10 @@ PyMODINIT_FUNC PyInit__native(void)
         implementation = "SHA extensions";
     }
 #endif
+    zero_int = PyLong_FromLong(0);
+    if (zero_int == NULL) {
+        return NULL;
+    }
     PyObject *m = PyModule_Create(&module);
     if (m != NULL && PyModule_AddStringConstant(m, "IMPLEMENTATION", implementation) < 0) {
         Py_DECREF(m);

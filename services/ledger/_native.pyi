@@ -14,3 +14,25 @@ def add_totals(
     transfers: Sequence[Sequence[Any]], debited: dict[str, int], credited: dict[str, int], /
 ) -> None: ...
 def copy_rows(first_seq: int, transfers: Sequence[Sequence[Any]], /) -> bytes: ...
+def first_settlement_transfers(
+    order: list[tuple[str, int, Any, int]],
+    transfer_type: type,
+    start_s: int,
+    limit: int,
+    error_type: type[Exception],
+    accounts: dict[str, str],
+    account_of: Any,
+    fee_rates: dict[tuple[str, str], int],
+    fee_rate: Any,
+    prices: Any,
+    state: Any,
+    measured: Any,
+    fee_by_buyer: bool,
+    market: str,
+    grid: str,
+    utility: str,
+    codes: tuple[str, str, str, str, str],
+    tags: tuple[str, str, str, str, str],
+    estimated_flag: int,
+    /,
+) -> list[Any]: ...

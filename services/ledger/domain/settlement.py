@@ -40,7 +40,7 @@ import hashlib
 import json
 import operator
 import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from enum import IntEnum, StrEnum
 from typing import Any, NamedTuple
@@ -892,6 +892,32 @@ def first_settlement_chunks(
             group = tid
         add(new(Transfer, (tid, payer, payee, amount, code, start_s, group, flags)))
 
+    if _native_first_transfers is not None:
+        made = _native_first_transfers(
+            order,
+            Transfer,
+            start_s,
+            limit,
+            SettlementInputError,
+            accounts,
+            account_of,
+            fee_rates,
+            rules.grid_fee_for,
+            prices if type(prices) is dict else dict(prices),
+            state,
+            measured,
+            fee_by_buyer,
+            market,
+            grid,
+            utility,
+            _NATIVE_CODES,
+            _NATIVE_TAGS,
+            FLAG_ESTIMATED,
+        )
+        for i in range(0, len(made), chunk_transfers):
+            yield made[i : i + chunk_transfers]
+        return
+
     account = accounts.get
     for tid, kind, parties, amount in order:
         if kind == 0:
@@ -951,6 +977,14 @@ def first_settlement_chunks(
 
 
 _FIRST = operator.itemgetter(0)
+
+_NATIVE_CODES = (CODE_GRID_FEE, CODE_PURCHASE, CODE_SALE, CODE_DEVIATION, CODE_CONGESTION_RENT)
+_NATIVE_TAGS = tuple(CODE_TAGS[code] for code in _NATIVE_CODES)
+_native_first_transfers: Callable[..., list[Transfer]] | None
+try:  # the loop of `first_settlement_chunks` in compiled code, when services/ledger/_native.c was built
+    from services.ledger._native import first_settlement_transfers as _native_first_transfers
+except ImportError:  # pragma: no cover - a build without a C compiler
+    _native_first_transfers = None
 
 
 def first_settlement_transfers(

@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 
-from services.ledger.domain.ledger import FLAG_CORRECTION, FLAG_ESTIMATED, Transfer
+from services.ledger.domain import settlement as settlement_module
+from services.ledger.domain.ledger import FLAG_CORRECTION, FLAG_ESTIMATED, MAX_AMOUNT_NANO, Transfer
 from services.ledger.domain.settlement import (
     AcceptedEnergy,
     ClearingResult,
@@ -302,7 +303,14 @@ def random_interval(rng: random.Random) -> tuple[ClearingResult, tuple[MeterEner
     return ClearingResult("demo", START_S, prices, tuple(trades), accepted), meter, rules
 
 
-def test_the_first_settlement_built_chunk_by_chunk_equals_the_transfers_of_its_legs() -> None:
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "python"])
+def test_the_first_settlement_built_chunk_by_chunk_equals_the_transfers_of_its_legs(
+    compiled: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if compiled and settlement_module._native_first_transfers is None:
+        pytest.skip("services.ledger._native is not built")
+    if not compiled:
+        monkeypatch.setattr(settlement_module, "_native_first_transfers", None)
     rng = random.Random(11)
     for _ in range(400):
         clearing_result, meter, rules = random_interval(rng)
@@ -326,3 +334,27 @@ def test_the_stored_meter_state_is_sorted_json_with_qualities_as_numbers_and_rea
     text = meter_state_to_json(state)
     assert text == '{"alice":[0,1000000000000,2],"bob":[7,3,1],"carol":[500,0,0]}'
     assert meter_state_from_json(text) == state
+
+
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "python"])
+def test_a_leg_above_one_transfers_limit_refuses_the_first_settlement_naming_the_leg(
+    compiled: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if compiled and settlement_module._native_first_transfers is None:
+        pytest.skip("services.ledger._native is not built")
+    if not compiled:
+        monkeypatch.setattr(settlement_module, "_native_first_transfers", None)
+    # 10**12 Wh at 10**9 micro/kWh is 10**21 nano: beyond one transfer's 2**63 - 1.
+    prices = {"n1": 10**9, "n2": -(10**9)}
+    trades = (Trade("alice", "n1", "bob", "n2", 10**12), Trade("carol", "n1", "bob", "n1", 5))
+    accepted = (
+        AcceptedEnergy("alice", 10**12, 0),
+        AcceptedEnergy("bob", 0, 10**12 + 5),
+        AcceptedEnergy("carol", 5, 0),
+    )
+    clearing_result = ClearingResult("demo", START_S, prices, trades, accepted)
+    rules = SettlementRules.from_mapping({"grid_operator": "dso", "utility": "ewz"})
+    state = initial_meter_state(clearing_result, (), rules)
+    assert MAX_AMOUNT_NANO < 10**21
+    with pytest.raises(SettlementInputError, match=r"nano exceeds one transfer's limit"):
+        list(first_settlement_chunks(clearing_result, state, rules))
