@@ -690,6 +690,99 @@ fail:
     return NULL;
 }
 
+
+/* ------------------------------------------------------------------ plain JSON */
+
+/* Append `obj` as json.dumps(obj, separators=(",", ":")) writes it, for the values the ledger's
+ * documents hold: dicts with str keys (in their order), lists and tuples, ints (bool as true/false)
+ * and str made of printable ASCII without '"' or '\'. Anything else raises ValueError (the caller
+ * then lets the json module write it). */
+static int put_json(Buffer *b, PyObject *obj, int depth)
+{
+    if (depth > 64) {
+        PyErr_SetString(PyExc_ValueError, "nested too deeply for plain JSON");
+        return -1;
+    }
+    if (PyUnicode_Check(obj)) {
+        if (!PyUnicode_IS_ASCII(obj)) {
+            PyErr_SetString(PyExc_ValueError, "not plain JSON text");
+            return -1;
+        }
+        Py_ssize_t n = PyUnicode_GET_LENGTH(obj);
+        const char *text = (const char *)PyUnicode_1BYTE_DATA(obj);
+        for (Py_ssize_t i = 0; i < n; i++) {
+            if (text[i] < 0x20 || text[i] == 0x7f || text[i] == '"' || text[i] == '\\') {
+                PyErr_SetString(PyExc_ValueError, "not plain JSON text");
+                return -1;
+            }
+        }
+        return buffer_put(b, "\"", 1) < 0 || buffer_put(b, text, (size_t)n) < 0 || buffer_put(b, "\"", 1) < 0 ? -1 : 0;
+    }
+    if (PyBool_Check(obj)) {
+        return obj == Py_True ? buffer_put(b, "true", 4) : buffer_put(b, "false", 5);
+    }
+    if (PyLong_Check(obj)) {
+        int overflow = 0;
+        long long v = PyLong_AsLongLongAndOverflow(obj, &overflow);
+        if (overflow || (v == -1 && PyErr_Occurred())) {
+            if (!PyErr_Occurred()) {
+                PyErr_SetString(PyExc_ValueError, "an integer beyond 64 bits");
+            }
+            return -1;
+        }
+        return buffer_put_int(b, v);
+    }
+    if (PyList_Check(obj) || PyTuple_Check(obj)) {
+        PyObject *seq = PySequence_Fast(obj, "");
+        if (seq == NULL) {
+            return -1;
+        }
+        Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+        int status = buffer_put(b, "[", 1);
+        for (Py_ssize_t i = 0; status == 0 && i < n; i++) {
+            status = (i && buffer_put(b, ",", 1) < 0) || put_json(b, PySequence_Fast_GET_ITEM(seq, i), depth + 1) < 0 ? -1 : 0;
+        }
+        Py_DECREF(seq);
+        return status < 0 ? -1 : buffer_put(b, "]", 1);
+    }
+    if (PyDict_CheckExact(obj)) {
+        Py_ssize_t pos = 0;
+        PyObject *key, *value;
+        int first = 1;
+        if (buffer_put(b, "{", 1) < 0) {
+            return -1;
+        }
+        while (PyDict_Next(obj, &pos, &key, &value)) {
+            if (!PyUnicode_Check(key)) {
+                PyErr_SetString(PyExc_ValueError, "a dict key that is not a str");
+                return -1;
+            }
+            if ((!first && buffer_put(b, ",", 1) < 0) || put_json(b, key, depth + 1) < 0 || buffer_put(b, ":", 1) < 0 ||
+                put_json(b, value, depth + 1) < 0) {
+                return -1;
+            }
+            first = 0;
+        }
+        return buffer_put(b, "}", 1);
+    }
+    PyErr_Format(PyExc_ValueError, "a %.100s is not plain JSON", Py_TYPE(obj)->tp_name);
+    return -1;
+}
+
+PyDoc_STRVAR(plain_json_doc,
+             "plain_json(obj, /) -> bytes\n\n"
+             "json.dumps(obj, separators=(\",\", \":\")).encode() for dicts with str keys, lists, tuples, ints\n"
+             "of 64 bits and str of printable ASCII without '\"' or '\\\\'; ValueError for anything else.");
+
+static PyObject *native_plain_json(PyObject *Py_UNUSED(self), PyObject *obj)
+{
+    Buffer b;
+    buffer_init(&b);
+    PyObject *result = put_json(&b, obj, 0) < 0 ? NULL : PyBytes_FromStringAndSize(b.data, (Py_ssize_t)b.len);
+    buffer_free(&b);
+    return result;
+}
+
 PyDoc_STRVAR(copy_rows_doc,
              "copy_rows(first_seq, transfers, /) -> bytes\n\n"
              "PostgreSQL COPY text rows of `transfers` numbered from `first_seq`: for each, its sequence number\n"
@@ -822,6 +915,7 @@ static PyMethodDef methods[] = {
     {"use_implementation", native_use_implementation, METH_O, use_implementation_doc},
     {"add_totals", native_add_totals, METH_VARARGS, add_totals_doc},
     {"copy_rows", native_copy_rows, METH_VARARGS, copy_rows_doc},
+    {"plain_json", native_plain_json, METH_O, plain_json_doc},
     {"first_settlement_transfers", native_first_settlement_transfers, METH_VARARGS, first_settlement_transfers_doc},
     {"sha256", native_sha256, METH_O, sha256_doc},
     {"leaves_and_heads", native_leaves_and_heads, METH_VARARGS, leaves_and_heads_doc},

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import json
 import time
 from collections.abc import Callable, Sequence
 from types import ModuleType
@@ -165,3 +166,15 @@ short_hex_digests: Callable[[Sequence[str], int], list[str]] = (
     python_short_hex_digests if _native is None else _native.short_hex_digests
 )
 """As `python_short_hex_digests`; compiled when built."""
+
+
+def compact_json(obj: object) -> bytes:
+    """`json.dumps(obj, separators=(",", ":")).encode()`; compiled when built, for documents of dicts,
+    lists, tuples, ints and printable ASCII text (anything else is written by the json module)."""
+    if _native is not None:
+        try:
+            text: bytes = _native.plain_json(obj)
+            return text
+        except ValueError:
+            pass
+    return json.dumps(obj, separators=(",", ":")).encode()

@@ -48,7 +48,7 @@ from typing import Any, NamedTuple
 import yaml
 
 from services.domain.intervals import DEFAULT_INTERVAL_S, Interval
-from services.ledger.domain.hashing import short_hex_digests
+from services.ledger.domain.hashing import compact_json, short_hex_digests
 from services.ledger.domain.ledger import (
     ACCOUNT_NAME_PATTERN,
     FLAG_CORRECTION,
@@ -133,7 +133,7 @@ class ClearingResult:
             ),
             "accepted": sorted((a.participant_id, a.bought_wh, a.sold_wh) for a in self.accepted),
         }
-        return hashlib.sha256(json.dumps(canonical, separators=(",", ":")).encode()).hexdigest()
+        return hashlib.sha256(compact_json(canonical)).hexdigest()
 
 
 class MeterQuality(IntEnum):
@@ -606,7 +606,7 @@ def merge_meter_state(old: MeterState, delivered: Sequence[MeterEnergy]) -> Mete
 
 def meter_state_to_json(state: MeterState) -> str:
     """`{"<participant>":[import_wh,export_wh,quality],…}`, keys sorted (JSON writes the IntEnum as its value)."""
-    return json.dumps(state, separators=(",", ":"), sort_keys=True)
+    return compact_json(dict(sorted(state.items()))).decode()
 
 
 def meter_state_from_json(text: str) -> MeterState:

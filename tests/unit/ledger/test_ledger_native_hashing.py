@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -177,3 +178,41 @@ def test_copy_rows_equal_the_python_ones_line_for_line(
 def test_copy_rows_write_fields_the_compiled_module_does_not_as_python_does() -> None:
     rows = hashing.copy_rows(7, [("t", "a", "b", True, "c", 2**70, "", 1)])
     assert rows == f"7\tt\ta\tb\tTrue\tc\t{2**70}\t\t1\n".encode()
+
+
+json_leaves = st.one_of(
+    st.booleans(),
+    st.integers(min_value=-(2**63), max_value=2**63 - 1),
+    st.integers(min_value=2**63, max_value=2**80),
+    st.text(max_size=20),
+    st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=20),
+    st.floats(allow_nan=False),
+    st.none(),
+)
+json_documents = st.recursive(
+    json_leaves,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=5),
+        st.tuples(inner, inner),
+        st.dictionaries(
+            st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=8), inner, max_size=5
+        ),
+    ),
+    max_leaves=30,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(document=json_documents)
+def test_compact_json_writes_exactly_what_the_json_module_writes(document: object) -> None:
+    assert hashing.compact_json(document) == json.dumps(document, separators=(",", ":")).encode()
+
+
+@pytestmark_native
+def test_plain_json_refuses_what_needs_escaping_or_is_not_a_plain_value() -> None:
+    for value in ['say "hi"', "back\\slash", "tab\t", "é", 2**64, 1.5, None, {1: 2}, {"a"}]:
+        with pytest.raises(ValueError):
+            native.plain_json([value])
+    assert (
+        native.plain_json({"a": [1, True, (False, "x y")], "b": {}}) == b'{"a":[1,true,[false,"x y"]],"b":{}}'
+    )
