@@ -1042,9 +1042,8 @@ class LedgerStore:
 
         First the transfers, chunk by chunk as they are made; then the new
         account totals, which need every transfer but no hash; then the chain
-        rows, chunk by chunk as they are hashed. So the database inserts the
-        transfers while the next ones are made, and the totals and chain rows
-        while the rest is hashed.
+        rows, all in one item. So the database inserts the transfers while the
+        next ones are made, and the totals while the chain is hashed.
         """
         backend = self._backend
         sums = GroupTotals() if planned is None else None
@@ -1068,16 +1067,16 @@ class LedgerStore:
         yield "accounts", (_account_rows(totals), new_accounts, seq)
         if meanwhile is not None:
             meanwhile()
-        head = state.head
+        # Every chain row at once: hashing is cheap next to a statement per chunk.
         frontier = state.frontier.copy()
         completed: list[tuple[int, int, bytes]] = []
-        first_seq = state.seq + 1
-        for chunk in made:
-            leaves, heads = leaves_and_heads(chunk, head)
-            head = heads[-HASH_SIZE:]
-            frontier.extend_joined(leaves, NODE_MIN_LEVEL, completed)
-            yield "chain", backend.chain_rows(first_seq, leaves, heads)
-            first_seq += len(chunk)
+        leaves, heads = leaves_and_heads(
+            made[0] if len(made) == 1 else list(itertools.chain(*made)), state.head
+        )
+        head = heads[-HASH_SIZE:] if heads else state.head
+        frontier.extend_joined(leaves, NODE_MIN_LEVEL, completed)
+        if leaves:
+            yield "chain", backend.chain_rows(state.seq + 1, leaves, heads)
         checkpoint = self._sign(state.checkpoint, frontier, head)
         yield "done", _Written(seq, head, frontier, completed, totals, checkpoint)
 
