@@ -881,6 +881,168 @@ static PyObject *native_add_totals(PyObject *Py_UNUSED(self), PyObject *args)
     Py_RETURN_NONE;
 }
 
+
+/* ------------------------------------------------------------------ settlement input rows */
+
+static PyObject *s_buyer_id, *s_buyer_node, *s_seller_id, *s_seller_node, *s_energy_wh;
+static PyObject *s_participant_id, *s_bought_wh, *s_sold_wh, *s_import_wh, *s_export_wh, *s_quality;
+
+/* An exact str matching [A-Za-z0-9._-]{1,100}: a participant's name. */
+static int is_name(PyObject *o)
+{
+    if (!PyUnicode_CheckExact(o) || !PyUnicode_IS_ASCII(o)) {
+        return 0;
+    }
+    Py_ssize_t n = PyUnicode_GET_LENGTH(o);
+    if (n < 1 || n > 100) {
+        return 0;
+    }
+    const unsigned char *c = PyUnicode_1BYTE_DATA(o);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        unsigned char ch = c[i];
+        if (!((ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') || ch == '.' ||
+              ch == '_' || ch == '-')) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
+/* An exact int from low to high. */
+static int int_within(PyObject *o, long long low, long long high)
+{
+    if (!PyLong_CheckExact(o)) {
+        return 0;
+    }
+    int overflow = 0;
+    long long v = PyLong_AsLongLongAndOverflow(o, &overflow);
+    if (overflow || (v == -1 && PyErr_Occurred())) {
+        PyErr_Clear();
+        return 0;
+    }
+    return v >= low && v <= high;
+}
+
+/* 1 when every row passes, 0 when one does not, -1 on an error (which the caller clears). */
+static int rows_pass(PyObject *trades, PyObject *accepted, PyObject *meters, PyObject *prices, long long max_wh,
+                     PyObject *measured, PyObject *estimated)
+{
+    int verdict = -1;
+    PyObject *bought = PyDict_New(), *sold = PyDict_New(), *seen = PySet_New(NULL), *metered = PySet_New(NULL);
+    PyObject *t_seq = NULL, *a_seq = NULL, *m_seq = NULL;
+    if (!bought || !sold || !seen || !metered) {
+        goto done;
+    }
+    t_seq = PySequence_Fast(trades, "trades");
+    a_seq = t_seq ? PySequence_Fast(accepted, "accepted") : NULL;
+    m_seq = a_seq ? PySequence_Fast(meters, "meter energy") : NULL;
+    if (!m_seq) {
+        goto done;
+    }
+    verdict = 0;
+    for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(t_seq); i++) {
+        PyObject *t = PySequence_Fast_GET_ITEM(t_seq, i);
+        PyObject *buyer = PyObject_GetAttr(t, s_buyer_id), *seller = PyObject_GetAttr(t, s_seller_id);
+        PyObject *bn = PyObject_GetAttr(t, s_buyer_node), *sn = PyObject_GetAttr(t, s_seller_node);
+        PyObject *wh = PyObject_GetAttr(t, s_energy_wh);
+        int ok = buyer && seller && bn && sn && wh && is_name(buyer) && is_name(seller);
+        if (ok) {
+            int distinct = PyObject_RichCompareBool(buyer, seller, Py_NE);
+            if (distinct == 0) {
+                distinct = PyObject_RichCompareBool(bn, sn, Py_NE);
+            }
+            ok = distinct == 1 && PySequence_Contains(prices, bn) == 1 && PySequence_Contains(prices, sn) == 1 &&
+                 int_within(wh, 1, max_wh);
+        }
+        if (ok) {
+            ok = add_to(bought, buyer, wh) == 0 && add_to(sold, seller, wh) == 0;
+        }
+        Py_XDECREF(buyer);
+        Py_XDECREF(seller);
+        Py_XDECREF(bn);
+        Py_XDECREF(sn);
+        Py_XDECREF(wh);
+        if (!ok) {
+            goto done;
+        }
+    }
+    for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(a_seq); i++) {
+        PyObject *a = PySequence_Fast_GET_ITEM(a_seq, i);
+        PyObject *pid = PyObject_GetAttr(a, s_participant_id), *b = PyObject_GetAttr(a, s_bought_wh);
+        PyObject *so = PyObject_GetAttr(a, s_sold_wh);
+        int ok = pid && b && so && is_name(pid) && PySet_Contains(seen, pid) == 0 && PyLong_CheckExact(b) &&
+                 PyLong_CheckExact(so);
+        if (ok) {
+            PyObject *want_b = PyDict_GetItemWithError(bought, pid), *want_s = PyDict_GetItemWithError(sold, pid);
+            ok = !PyErr_Occurred() &&
+                 PyObject_RichCompareBool(b, want_b ? want_b : zero_int, Py_EQ) == 1 &&
+                 PyObject_RichCompareBool(so, want_s ? want_s : zero_int, Py_EQ) == 1 && PySet_Add(seen, pid) == 0;
+        }
+        Py_XDECREF(pid);
+        Py_XDECREF(b);
+        Py_XDECREF(so);
+        if (!ok) {
+            goto done;
+        }
+    }
+    /* Everyone who traded has an accepted row. */
+    PyObject *key, *value;
+    for (int side = 0; side < 2; side++) {
+        Py_ssize_t pos = 0;
+        while (PyDict_Next(side ? sold : bought, &pos, &key, &value)) {
+            if (PySet_Contains(seen, key) != 1) {
+                goto done;
+            }
+        }
+    }
+    for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(m_seq); i++) {
+        PyObject *m = PySequence_Fast_GET_ITEM(m_seq, i);
+        PyObject *pid = PyObject_GetAttr(m, s_participant_id), *im = PyObject_GetAttr(m, s_import_wh);
+        PyObject *ex = PyObject_GetAttr(m, s_export_wh), *q = PyObject_GetAttr(m, s_quality);
+        int ok = pid && im && ex && q && is_name(pid) && PySet_Contains(metered, pid) == 0 &&
+                 int_within(im, 0, max_wh) && int_within(ex, 0, max_wh) && (q == measured || q == estimated) &&
+                 PySet_Add(metered, pid) == 0;
+        Py_XDECREF(pid);
+        Py_XDECREF(im);
+        Py_XDECREF(ex);
+        Py_XDECREF(q);
+        if (!ok) {
+            goto done;
+        }
+    }
+    verdict = 1;
+done:
+    Py_XDECREF(t_seq);
+    Py_XDECREF(a_seq);
+    Py_XDECREF(m_seq);
+    Py_XDECREF(bought);
+    Py_XDECREF(sold);
+    Py_XDECREF(seen);
+    Py_XDECREF(metered);
+    return verdict;
+}
+
+PyDoc_STRVAR(settlement_rows_pass_doc,
+             "settlement_rows_pass(trades, accepted, meter_energy, prices, max_energy_wh, measured, estimated, /)\n"
+             "-> bool\n\n"
+             "True when every row passes the checks of validate_rows in services/ledger/domain/settlement.py;\n"
+             "False when one may not (validate_rows then finds and names it).");
+
+static PyObject *native_settlement_rows_pass(PyObject *Py_UNUSED(self), PyObject *args)
+{
+    PyObject *trades, *accepted, *meters, *prices, *measured, *estimated;
+    long long max_wh;
+    if (!PyArg_ParseTuple(args, "OOOOLOO:settlement_rows_pass", &trades, &accepted, &meters, &prices, &max_wh,
+                          &measured, &estimated)) {
+        return NULL;
+    }
+    int verdict = rows_pass(trades, accepted, meters, prices, max_wh, measured, estimated);
+    if (verdict < 0) {
+        PyErr_Clear();
+    }
+    return PyBool_FromLong(verdict == 1);
+}
+
 PyDoc_STRVAR(use_implementation_doc,
              "use_implementation(name, /) -> None\n\n"
              "Hash with \"portable C\" or \"SHA extensions\" from now on (for tests: both must agree).\n"
@@ -914,6 +1076,7 @@ static PyObject *native_use_implementation(PyObject *Py_UNUSED(self), PyObject *
 static PyMethodDef methods[] = {
     {"use_implementation", native_use_implementation, METH_O, use_implementation_doc},
     {"add_totals", native_add_totals, METH_VARARGS, add_totals_doc},
+    {"settlement_rows_pass", native_settlement_rows_pass, METH_VARARGS, settlement_rows_pass_doc},
     {"copy_rows", native_copy_rows, METH_VARARGS, copy_rows_doc},
     {"plain_json", native_plain_json, METH_O, plain_json_doc},
     {"first_settlement_transfers", native_first_settlement_transfers, METH_VARARGS, first_settlement_transfers_doc},
@@ -947,6 +1110,21 @@ PyMODINIT_FUNC PyInit__native(void)
     zero_int = PyLong_FromLong(0);
     if (zero_int == NULL) {
         return NULL;
+    }
+    struct {
+        PyObject **name;
+        const char *text;
+    } names[] = {
+        {&s_buyer_id, "buyer_id"},         {&s_buyer_node, "buyer_node"},   {&s_seller_id, "seller_id"},
+        {&s_seller_node, "seller_node"},   {&s_energy_wh, "energy_wh"},     {&s_participant_id, "participant_id"},
+        {&s_bought_wh, "bought_wh"},       {&s_sold_wh, "sold_wh"},         {&s_import_wh, "import_wh"},
+        {&s_export_wh, "export_wh"},       {&s_quality, "quality"},
+    };
+    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
+        *names[i].name = PyUnicode_InternFromString(names[i].text);
+        if (*names[i].name == NULL) {
+            return NULL;
+        }
     }
     PyObject *m = PyModule_Create(&module);
     if (m != NULL && PyModule_AddStringConstant(m, "IMPLEMENTATION", implementation) < 0) {

@@ -37,3 +37,13 @@ def first_settlement_transfers(
     /,
 ) -> list[Any]: ...
 def plain_json(obj: object, /) -> bytes: ...
+def settlement_rows_pass(
+    trades: Any,
+    accepted: Any,
+    meter_energy: Any,
+    prices: Any,
+    max_energy_wh: int,
+    measured: Any,
+    estimated: Any,
+    /,
+) -> bool: ...

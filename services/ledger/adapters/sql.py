@@ -469,13 +469,20 @@ class _SqliteBackend(_Backend):
         execute = cursor.execute
         for kind, payloads in _runs(batches):
             if kind == "transfers":
-                # The ready chunks in one statement, up to SQLite's limit of parameters.
-                step = 30_000 // (len(TRANSFER_COLUMNS) * CHUNK_TRANSFERS)
-                for i in range(0, len(payloads), step):
-                    group = payloads[i : i + step]
-                    count = sum(c for c, _ in group)
-                    params = group[0][1] if len(group) == 1 else list(itertools.chain(*(p for _, p in group)))
-                    execute(self._insert_sql("transfers", TRANSFER_COLUMNS, count), params)
+                # Whole chunks through one statement of CHUNK_TRANSFERS rows, which SQLite prepares
+                # once: preparing a multi-row INSERT costs several times running it, so a statement
+                # of any other length would cost more to prepare than it saves. Shorter chunks go in
+                # row by row.
+                full = [params for count, params in payloads if count == CHUNK_TRANSFERS]
+                if full:
+                    cursor.executemany(self._insert_sql("transfers", TRANSFER_COLUMNS, CHUNK_TRANSFERS), full)
+                width = len(TRANSFER_COLUMNS)
+                for count, params in payloads:
+                    if count != CHUNK_TRANSFERS:
+                        cursor.executemany(
+                            self._insert_sql("transfers", TRANSFER_COLUMNS, 1),
+                            [params[i : i + width] for i in range(0, len(params), width)],
+                        )
             elif kind == "chain":
                 leaves, heads, first_seq, end_seq = (
                     payloads[0]
@@ -518,11 +525,17 @@ class _SqliteBackend(_Backend):
             "debits_nano = excluded.debits_nano, credits_nano = excluded.credits_nano"
         )
         columns = ("account_id", "kind", "debits_nano", "credits_nano")
-        flatten = itertools.chain.from_iterable
-        step = 30_000 // len(columns)  # within SQLite's 32,766 parameters per statement
-        for i in range(0, len(rows), step):
-            chunk = rows[i : i + step]
-            cursor.execute(self._insert_sql("accounts", columns, len(chunk), suffix), list(flatten(chunk)))
+        # As the transfers: statements of a fixed length, prepared once, and the rest row by row.
+        size = CHUNK_TRANSFERS
+        whole = len(rows) - len(rows) % size
+        if whole:
+            flatten = itertools.chain.from_iterable
+            cursor.executemany(
+                self._insert_sql("accounts", columns, size, suffix),
+                [list(flatten(rows[i : i + size])) for i in range(0, whole, size)],
+            )
+        if whole < len(rows):
+            cursor.executemany(self._insert_sql("accounts", columns, 1, suffix), rows[whole:])
 
 
 def _array(values: Sequence[str] | Sequence[int]) -> str:

@@ -266,6 +266,16 @@ def validate_rows(inputs: SettlementInputs) -> None:
     """The part of `validate_inputs` that checks trades, accepted energy and meter energy row by row
     (given a clearing result that passes `validate_interval`)."""
     c = inputs.clearing
+    if _native_rows_pass is not None and _native_rows_pass(
+        c.trades,
+        c.accepted,
+        inputs.meter_energy,
+        c.node_prices_micro_per_kwh,
+        MAX_ENERGY_WH,
+        MeterQuality.MEASURED,
+        MeterQuality.ESTIMATED,
+    ):
+        return  # every row passes the checks below, made in compiled code
     names: set[str] = set()
 
     def valid(name: object) -> bool:
@@ -981,10 +991,14 @@ _FIRST = operator.itemgetter(0)
 _NATIVE_CODES = (CODE_GRID_FEE, CODE_PURCHASE, CODE_SALE, CODE_DEVIATION, CODE_CONGESTION_RENT)
 _NATIVE_TAGS = tuple(CODE_TAGS[code] for code in _NATIVE_CODES)
 _native_first_transfers: Callable[..., list[Transfer]] | None
-try:  # the loop of `first_settlement_chunks` in compiled code, when services/ledger/_native.c was built
+_native_rows_pass: Callable[..., bool] | None
+try:  # the loop of `first_settlement_chunks` and the checks of `validate_rows` in compiled code,
+    # when services/ledger/_native.c was built
     from services.ledger._native import first_settlement_transfers as _native_first_transfers
+    from services.ledger._native import settlement_rows_pass as _native_rows_pass
 except ImportError:  # pragma: no cover - a build without a C compiler
     _native_first_transfers = None
+    _native_rows_pass = None
 
 
 def first_settlement_transfers(

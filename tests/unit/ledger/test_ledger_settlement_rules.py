@@ -358,3 +358,98 @@ def test_a_leg_above_one_transfers_limit_refuses_the_first_settlement_naming_the
     assert MAX_AMOUNT_NANO < 10**21
     with pytest.raises(SettlementInputError, match=r"nano exceeds one transfer's limit"):
         list(first_settlement_chunks(clearing_result, state, rules))
+
+
+class _Name(str):
+    """A str subclass: not a name the checks accept, though it reads like one."""
+
+
+def _mutations(clearing_result: ClearingResult, meter: tuple[MeterEnergy, ...]) -> list[Any]:
+    """Variants of valid settlement input that break (or seem to break) one rule each."""
+    import dataclasses
+
+    out: list[Any] = []
+    c = clearing_result
+    if c.trades:
+        t = c.trades[0]
+        for field, value in [
+            ("buyer_id", "bad name"),
+            ("buyer_id", _Name(t.buyer_id)),
+            ("seller_id", "x" * 101),
+            ("buyer_node", "nowhere"),
+            ("energy_wh", 0),
+            ("energy_wh", True),
+            ("energy_wh", 10**13),
+            ("seller_id", t.buyer_id),
+        ]:
+            trades = (dataclasses.replace(t, **{field: value}), *c.trades[1:])
+            out.append((dataclasses.replace(c, trades=trades), meter))
+    if c.accepted:
+        a = c.accepted[0]
+        out.append((dataclasses.replace(c, accepted=(*c.accepted, a)), meter))
+        out.append((dataclasses.replace(c, accepted=c.accepted[1:]), meter))
+        out.append(
+            (
+                dataclasses.replace(
+                    c, accepted=(dataclasses.replace(a, bought_wh=a.bought_wh + 1), *c.accepted[1:])
+                ),
+                meter,
+            )
+        )
+        out.append(
+            (
+                dataclasses.replace(
+                    c, accepted=(dataclasses.replace(a, sold_wh=float(a.sold_wh)), *c.accepted[1:])
+                ),
+                meter,
+            )
+        )
+    if meter:
+        m = meter[0]
+        out.append((c, (*meter, m)))
+        out.append((c, (dataclasses.replace(m, quality=MeterQuality.MISSING), *meter[1:])))
+        out.append((c, (dataclasses.replace(m, import_wh=-1), *meter[1:])))
+        out.append((c, (dataclasses.replace(m, participant_id="é"), *meter[1:])))
+    return out
+
+
+def test_the_compiled_row_checks_pass_valid_rows_and_only_rows_the_python_checks_pass(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    compiled = settlement_module._native_rows_pass
+    if compiled is None:
+        pytest.skip("services.ledger._native is not built")
+    monkeypatch.setattr(settlement_module, "_native_rows_pass", None)
+
+    def python_passes(c: ClearingResult, meter: tuple[MeterEnergy, ...]) -> bool:
+        try:
+            settlement_module.validate_rows(SettlementInputs(c, meter))
+        except SettlementInputError:
+            return False
+        return True
+
+    def compiled_passes(c: ClearingResult, meter: tuple[MeterEnergy, ...]) -> bool:
+        return compiled(
+            c.trades,
+            c.accepted,
+            meter,
+            c.node_prices_micro_per_kwh,
+            settlement_module.MAX_ENERGY_WH,
+            MeterQuality.MEASURED,
+            MeterQuality.ESTIMATED,
+        )
+
+    rng = random.Random(5)
+    checked = refused = 0
+    for _ in range(300):
+        clearing_result, meter, _rules = random_interval(rng)
+        assert python_passes(clearing_result, meter)
+        assert compiled_passes(clearing_result, meter)
+        for bad_clearing, bad_meter in _mutations(clearing_result, meter):
+            expected = python_passes(bad_clearing, bad_meter)
+            # Passing in compiled code means the Python checks pass; refusing hands the rows to them.
+            if compiled_passes(bad_clearing, bad_meter):
+                assert expected
+            checked += 1
+            refused += not expected
+    assert refused > checked // 2  # the mutations mostly break a rule
