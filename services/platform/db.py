@@ -51,7 +51,9 @@ def make_engine(url: str, *, schema: str | None = None, pool: bool = True, **kwa
         database = parsed.database or ""
         if database and database != ":memory:":
             Path(database).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(parsed, connect_args={"timeout": 30}, **kwargs)
+        # Room for the ledger's multi-row INSERTs of a few fixed lengths: the driver keeps 128
+        # prepared statements by default, and SQLite prepares a long INSERT slowly.
+        engine = create_engine(parsed, connect_args={"timeout": 30, "cached_statements": 512}, **kwargs)
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

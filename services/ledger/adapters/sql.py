@@ -451,6 +451,31 @@ class _SqliteBackend(_Backend):
             sql = self._sql[key] = self.values_sql(table, columns, count, suffix)
         return sql
 
+    def _insert_rows(
+        self, cursor: Any, table: str, columns: Sequence[str], params: list[Any], suffix: str = ""
+    ) -> None:
+        """Insert the rows whose parameters, one row after another, are `params`, in statements of a
+        few fixed lengths: up to 13 × 256 rows, then a multiple of 16 and the rest (below 16).
+
+        SQLite costs several times as much to prepare a multi-row INSERT as to
+        run it, and the driver keeps prepared statements by their text; so only
+        a few lengths may occur, and each is prepared once per connection. Each
+        statement is one call, which leaves the GIL for the whole insert (row by
+        row, `executemany` would take it back after every row)."""
+        width = len(columns)
+        rows = len(params) // width
+        done = 0
+        for piece in (CHUNK_TRANSFERS * 13, CHUNK_TRANSFERS, 16, 1):
+            take = (rows - done) // piece * piece
+            while take:
+                now = min(take, 30_000 // width // piece * piece)
+                cursor.execute(
+                    self._insert_sql(table, columns, now, suffix), params[done * width : (done + now) * width]
+                )
+                done += now
+                take -= now
+        assert done == rows
+
     def transfer_rows(self, first_seq: int, chunk: Sequence[Transfer]) -> Any:
         # The statement's parameters, flattened here so that the inserting thread only binds them.
         params: list[Any] = []
@@ -469,20 +494,19 @@ class _SqliteBackend(_Backend):
         execute = cursor.execute
         for kind, payloads in _runs(batches):
             if kind == "transfers":
-                # Whole chunks through one statement of CHUNK_TRANSFERS rows, which SQLite prepares
-                # once: preparing a multi-row INSERT costs several times running it, so a statement
-                # of any other length would cost more to prepare than it saves. Shorter chunks go in
-                # row by row.
+                # The ready whole chunks in one statement (up to SQLite's limit of parameters), a
+                # shorter chunk in statements of a few fixed lengths (see `_insert_rows`).
                 full = [params for count, params in payloads if count == CHUNK_TRANSFERS]
-                if full:
-                    cursor.executemany(self._insert_sql("transfers", TRANSFER_COLUMNS, CHUNK_TRANSFERS), full)
-                width = len(TRANSFER_COLUMNS)
+                step = 30_000 // (len(TRANSFER_COLUMNS) * CHUNK_TRANSFERS)
+                for i in range(0, len(full), step):
+                    group = full[i : i + step]
+                    execute(
+                        self._insert_sql("transfers", TRANSFER_COLUMNS, CHUNK_TRANSFERS * len(group)),
+                        group[0] if len(group) == 1 else list(itertools.chain(*group)),
+                    )
                 for count, params in payloads:
                     if count != CHUNK_TRANSFERS:
-                        cursor.executemany(
-                            self._insert_sql("transfers", TRANSFER_COLUMNS, 1),
-                            [params[i : i + width] for i in range(0, len(params), width)],
-                        )
+                        self._insert_rows(cursor, "transfers", TRANSFER_COLUMNS, params)
             elif kind == "chain":
                 leaves, heads, first_seq, end_seq = (
                     payloads[0]
@@ -525,17 +549,7 @@ class _SqliteBackend(_Backend):
             "debits_nano = excluded.debits_nano, credits_nano = excluded.credits_nano"
         )
         columns = ("account_id", "kind", "debits_nano", "credits_nano")
-        # As the transfers: statements of a fixed length, prepared once, and the rest row by row.
-        size = CHUNK_TRANSFERS
-        whole = len(rows) - len(rows) % size
-        if whole:
-            flatten = itertools.chain.from_iterable
-            cursor.executemany(
-                self._insert_sql("accounts", columns, size, suffix),
-                [list(flatten(rows[i : i + size])) for i in range(0, whole, size)],
-            )
-        if whole < len(rows):
-            cursor.executemany(self._insert_sql("accounts", columns, 1, suffix), rows[whole:])
+        self._insert_rows(cursor, "accounts", columns, list(itertools.chain.from_iterable(rows)), suffix)
 
 
 def _array(values: Sequence[str] | Sequence[int]) -> str:
