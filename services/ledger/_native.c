@@ -250,6 +250,20 @@ static int buffer_put_int(Buffer *b, long long v)
     return buffer_put(b, p, (size_t)(end - p));
 }
 
+/* Append the digits of the int `value` (any int, its subclasses included); `error` if beyond 64 bits. */
+static int buffer_put_long(Buffer *b, PyObject *value, PyObject *error)
+{
+    int overflow = 0;
+    long long v = PyLong_AsLongLongAndOverflow(value, &overflow);
+    if (overflow || (v == -1 && PyErr_Occurred())) {
+        if (!PyErr_Occurred()) {
+            PyErr_SetString(error, "an integer beyond 64 bits");
+        }
+        return -1;
+    }
+    return buffer_put_int(b, v);
+}
+
 /* Append str(value) for a str or an int (exactly as Python writes it); anything else is a TypeError. */
 static int buffer_put_field(Buffer *b, PyObject *value)
 {
@@ -262,15 +276,7 @@ static int buffer_put_field(Buffer *b, PyObject *value)
         return buffer_put(b, s, (size_t)n);
     }
     if (PyLong_CheckExact(value)) {
-        int overflow = 0;
-        long long v = PyLong_AsLongLongAndOverflow(value, &overflow);
-        if (overflow || (v == -1 && PyErr_Occurred())) {
-            if (!PyErr_Occurred()) {
-                PyErr_SetString(PyExc_OverflowError, "an integer field does not fit in 64 bits");
-            }
-            return -1;
-        }
-        return buffer_put_int(b, v);
+        return buffer_put_long(b, value, PyExc_OverflowError);
     }
     PyErr_Format(PyExc_TypeError, "a transfer field is a %.100s, not a str or an int", Py_TYPE(value)->tp_name);
     return -1;
@@ -722,15 +728,7 @@ static int put_json(Buffer *b, PyObject *obj, int depth)
         return obj == Py_True ? buffer_put(b, "true", 4) : buffer_put(b, "false", 5);
     }
     if (PyLong_Check(obj)) {
-        int overflow = 0;
-        long long v = PyLong_AsLongLongAndOverflow(obj, &overflow);
-        if (overflow || (v == -1 && PyErr_Occurred())) {
-            if (!PyErr_Occurred()) {
-                PyErr_SetString(PyExc_ValueError, "an integer beyond 64 bits");
-            }
-            return -1;
-        }
-        return buffer_put_int(b, v);
+        return buffer_put_long(b, obj, PyExc_ValueError);
     }
     if (PyList_Check(obj) || PyTuple_Check(obj)) {
         PyObject *seq = PySequence_Fast(obj, "");

@@ -34,6 +34,18 @@ from services.ledger.domain.settlement import (
 )
 
 START_S = 1_748_736_000
+
+
+@pytest.fixture(params=["compiled", "python"])
+def first_transfers_made_by(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A first settlement's transfers made by the compiled module, then by the Python loop."""
+    if request.param == "compiled" and settlement_module._native_first_transfers is None:
+        pytest.skip("services.ledger._native is not built")
+    if request.param == "python":
+        monkeypatch.setattr(settlement_module, "_native_first_transfers", None)
+    return str(request.param)
+
+
 RULES = SettlementRules.from_yaml(
     """
 grid_operator: dso
@@ -303,14 +315,8 @@ def random_interval(rng: random.Random) -> tuple[ClearingResult, tuple[MeterEner
     return ClearingResult("demo", START_S, prices, tuple(trades), accepted), meter, rules
 
 
-@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "python"])
-def test_the_first_settlement_built_chunk_by_chunk_equals_the_transfers_of_its_legs(
-    compiled: bool, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    if compiled and settlement_module._native_first_transfers is None:
-        pytest.skip("services.ledger._native is not built")
-    if not compiled:
-        monkeypatch.setattr(settlement_module, "_native_first_transfers", None)
+@pytest.mark.usefixtures("first_transfers_made_by")
+def test_the_first_settlement_built_chunk_by_chunk_equals_the_transfers_of_its_legs() -> None:
     rng = random.Random(11)
     for _ in range(400):
         clearing_result, meter, rules = random_interval(rng)
@@ -336,14 +342,8 @@ def test_the_stored_meter_state_is_sorted_json_with_qualities_as_numbers_and_rea
     assert meter_state_from_json(text) == state
 
 
-@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "python"])
-def test_a_leg_above_one_transfers_limit_refuses_the_first_settlement_naming_the_leg(
-    compiled: bool, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    if compiled and settlement_module._native_first_transfers is None:
-        pytest.skip("services.ledger._native is not built")
-    if not compiled:
-        monkeypatch.setattr(settlement_module, "_native_first_transfers", None)
+@pytest.mark.usefixtures("first_transfers_made_by")
+def test_a_leg_above_one_transfers_limit_refuses_the_first_settlement_naming_the_leg() -> None:
     # 10**12 Wh at 10**9 micro/kWh is 10**21 nano: beyond one transfer's 2**63 - 1.
     prices = {"n1": 10**9, "n2": -(10**9)}
     trades = (Trade("alice", "n1", "bob", "n2", 10**12), Trade("carol", "n1", "bob", "n1", 5))
