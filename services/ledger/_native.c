@@ -921,7 +921,8 @@ static int int_within(PyObject *o, long long low, long long high)
     return v >= low && v <= high;
 }
 
-/* 1 when every row passes, 0 when one does not, -1 on an error (which the caller clears). */
+/* 1 when every row passes, 0 when one does not, -1 on an error; an error may be set either way
+ * (the caller clears it). */
 static int rows_pass(PyObject *trades, PyObject *accepted, PyObject *meters, PyObject *prices, long long max_wh,
                      PyObject *measured, PyObject *estimated)
 {
@@ -1035,9 +1036,9 @@ static PyObject *native_settlement_rows_pass(PyObject *Py_UNUSED(self), PyObject
         return NULL;
     }
     int verdict = rows_pass(trades, accepted, meters, prices, max_wh, measured, estimated);
-    if (verdict < 0) {
-        PyErr_Clear();
-    }
+    /* Whatever went wrong on the way (an attribute missing, an unhashable value) is for the Python
+     * checks to find and name: here it only means the rows do not pass. */
+    PyErr_Clear();
     return PyBool_FromLong(verdict == 1);
 }
 

@@ -216,3 +216,11 @@ def test_plain_json_refuses_what_needs_escaping_or_is_not_a_plain_value() -> Non
     assert (
         native.plain_json({"a": [1, True, (False, "x y")], "b": {}}) == b'{"a":[1,true,[false,"x y"]],"b":{}}'
     )
+
+
+@pytestmark_native
+def test_row_checks_answer_false_for_rows_they_cannot_read_and_leave_no_error_behind() -> None:
+    unreadable: list[Any] = [[object()], [], [], {}, 1, None, None]
+    assert native.settlement_rows_pass(*unreadable) is False
+    unhashable_node = [("a", ["n1"], "b", "n1", 5)]
+    assert native.settlement_rows_pass(unhashable_node, [], [], {"n1": 1}, 10, None, None) is False
