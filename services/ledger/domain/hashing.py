@@ -1,4 +1,7 @@
-"""SHA-256 for the ledger's many short messages: the same digests as `hashlib.sha256`, from whichever implementation costs less per call here.
+"""SHA-256 for the ledger's many short messages, and its per-transfer work on many transfers at once, compiled where built.
+
+`sha256` gives the same digests as `hashlib.sha256`, from whichever
+implementation costs less per call here.
 
 The ledger hashes a few short messages per transfer (an entry of about 200
 bytes, 64-byte chain links, 65-byte Merkle nodes), so the cost of one call
@@ -12,9 +15,10 @@ SHA-256, so the choice changes no digest: it is made once, at import, by
 timing a few hundred calls of each.
 
 The per-transfer work (entry hashes and chain links, one Merkle level at a
-time, the short digests in transfer ids, and the transfers' rows for
-PostgreSQL's COPY) is also offered for many transfers at once:
-`leaves_and_heads`, `pair_up_level`, `short_hex_digests`, `copy_rows`. They
+time, the short digests in transfer ids, the transfers' rows for
+PostgreSQL's COPY, and compact JSON) is also offered for many transfers at
+once: `leaves_and_heads`, `pair_up_level`, `short_hex_digests`, `copy_rows`,
+`compact_json`. They
 run in the compiled module `services.ledger._native` when it was built (it is
 built by `pip install`, which needs a C compiler and Python's headers), and
 in Python otherwise; both give the same bytes (`NATIVE` says which runs).
