@@ -76,8 +76,9 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from services.domain.intervals import Clock, RealClock
 from services.ledger.domain.audit import AuditReport, LedgerAuditor, RangeResult, VerificationError
+from services.ledger.domain.chain import leaves_and_heads
 from services.ledger.domain.checkpoint import NO_PREVIOUS, Checkpoint, sign_checkpoint
-from services.ledger.domain.hashing import copy_rows, leaves_and_heads
+from services.ledger.domain.hashing import native
 from services.ledger.domain.ledger import (
     AccountTotals,
     GroupTotals,
@@ -348,6 +349,30 @@ class _Written:
     completed: list[tuple[int, int, bytes]]
     totals: Mapping[str, AccountTotals]
     checkpoint: Checkpoint
+
+
+def python_copy_rows(first_seq: int, transfers: Sequence[Sequence[Any]]) -> bytes:
+    """PostgreSQL COPY text rows: each transfer's sequence number (from `first_seq`) and fields,
+    tab-separated, one line each. No field is escaped: the caller passes none with a tab, newline or
+    backslash."""
+    return "".join(
+        [
+            f"{seq}\t{tid}\t{debit}\t{credit}\t{amount}\t{code}\t{start}\t{group}\t{flags}\n"
+            for seq, (tid, debit, credit, amount, code, start, group, flags) in enumerate(
+                transfers, first_seq
+            )
+        ]
+    ).encode()
+
+
+def copy_rows(first_seq: int, transfers: Sequence[Sequence[Any]]) -> bytes:
+    """As `python_copy_rows`; compiled when built."""
+    if native is not None:
+        try:
+            return native.copy_rows(first_seq, transfers)
+        except (TypeError, OverflowError):
+            pass
+    return python_copy_rows(first_seq, transfers)
 
 
 def _account_rows(totals: Mapping[str, AccountTotals]) -> list[tuple[str, str, int, int]]:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from services.ledger.domain.hashing import sha256
+from services.ledger.domain.hashing import native, sha256
 from services.ledger.domain.ledger import (
     ACCOUNT_ID_PATTERN,
     CODE_PATTERN,
@@ -98,3 +98,20 @@ def chain_heads(previous: bytes, leaves: Sequence[bytes]) -> list[bytes]:
         previous = sha(previous + h).digest()
         push(previous)
     return heads
+
+
+def python_leaves_and_heads(transfers: Sequence[Transfer], previous: bytes) -> tuple[bytes, bytes]:
+    """`leaf_hashes` and `chain_heads`, each joined into one byte string."""
+    leaves = leaf_hashes(transfers)
+    return b"".join(leaves), b"".join(chain_heads(previous, leaves))
+
+
+def leaves_and_heads(transfers: Sequence[Transfer], previous: bytes) -> tuple[bytes, bytes]:
+    """As `python_leaves_and_heads`; compiled when built. A field that is neither str nor a 64-bit
+    int (which no well-formed transfer has) is written by Python."""
+    if native is not None:
+        try:
+            return native.leaves_and_heads(transfers, previous)
+        except (TypeError, OverflowError):
+            pass
+    return python_leaves_and_heads(transfers, previous)

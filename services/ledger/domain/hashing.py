@@ -14,14 +14,14 @@ call slowly, CPython's can be the cheaper one. Both compute the standard
 SHA-256, so the choice changes no digest: it is made once, at import, by
 timing a few hundred calls of each.
 
-The per-transfer work (entry hashes and chain links, one Merkle level at a
-time, the short digests in transfer ids, the transfers' rows for
-PostgreSQL's COPY, and compact JSON) is also offered for many transfers at
-once: `leaves_and_heads`, `pair_up_level`, `short_hex_digests`, `copy_rows`,
-`compact_json`. They
-run in the compiled module `services.ledger._native` when it was built (it is
-built by `pip install`, which needs a C compiler and Python's headers), and
-in Python otherwise; both give the same bytes (`NATIVE` says which runs).
+The compiled module `services.ledger._native` (`native` here; built by
+`pip install`, which needs a C compiler and Python's headers) does the
+ledger's per-transfer work on many transfers at once; each of its functions
+has a Python twin that gives the same bytes, used when it is not built
+(`NATIVE` says which runs). Here: one Merkle level at a time
+(`pair_up_level`), the short digests in transfer ids (`short_hex_digests`)
+and compact JSON (`compact_json`); the entry hashes and chain links are in
+`chain.py`, the COPY rows in the SQL adapter.
 """
 
 from __future__ import annotations
@@ -31,8 +31,7 @@ import importlib
 import json
 import time
 from collections.abc import Callable, Sequence
-from types import ModuleType
-from typing import Any, Protocol
+from typing import Protocol
 
 
 class Hash(Protocol):
@@ -76,26 +75,6 @@ sha256: Callable[[bytes], Hash] = _cheapest_sha256()
 """SHA-256 of one message: `sha256(data).digest()`."""
 
 
-ENTRY_PREFIX = "p2pgrid-transfer-v1"
-"""The first field of every transfer's entry (see services/ledger/domain/chain.py)."""
-
-
-def python_leaves_and_heads(transfers: Sequence[Sequence[Any]], previous: bytes) -> tuple[bytes, bytes]:
-    """The entry hashes of `transfers` and their chained hashes after `previous`, each joined into one byte string."""
-    sha = sha256
-    prefix = f"\x00{ENTRY_PREFIX}|"
-    leaves = [
-        sha(f"{prefix}{tid}|{debit}|{credit}|{amount}|{code}|{start}|{group}|{flags}".encode()).digest()
-        for tid, debit, credit, amount, code, start, group, flags in transfers
-    ]
-    heads: list[bytes] = []
-    push = heads.append
-    for h in leaves:
-        previous = sha(previous + h).digest()
-        push(previous)
-    return b"".join(leaves), b"".join(heads)
-
-
 def python_pair_up_level(nodes: bytes) -> bytes:
     """32-byte `nodes` hashed two by two into the next Merkle level, SHA-256(0x01 || left || right)."""
     if len(nodes) % 32:
@@ -114,60 +93,23 @@ def python_short_hex_digests(messages: Sequence[str], digits: int) -> list[str]:
     return [sha(m.encode()).hexdigest()[:digits] for m in messages]
 
 
-def _native_module() -> ModuleType | None:
-    try:
-        return importlib.import_module("services.ledger._native")
-    except ImportError:
-        return None
+try:
+    from services.ledger import _native
+except ImportError:  # pragma: no cover - a build without a C compiler
+    _native = None  # type: ignore[assignment]
+native = _native
+"""The compiled module built from services/ledger/_native.c, or None; every module of the ledger
+that uses it takes it from here."""
 
-
-_native = _native_module()
-NATIVE: str | None = None if _native is None else str(_native.IMPLEMENTATION)
+NATIVE: str | None = None if native is None else native.IMPLEMENTATION
 """How the compiled module hashes ("SHA extensions" or "portable C"), or None when it is not built."""
 
 
-def leaves_and_heads(transfers: Sequence[Sequence[Any]], previous: bytes) -> tuple[bytes, bytes]:
-    """As `python_leaves_and_heads`; compiled when built. A field that is neither str nor a 64-bit
-    int (which no well-formed transfer has) is written by Python."""
-    if _native is not None:
-        try:
-            result: tuple[bytes, bytes] = _native.leaves_and_heads(transfers, previous)
-            return result
-        except (TypeError, OverflowError):
-            pass
-    return python_leaves_and_heads(transfers, previous)
-
-
-def python_copy_rows(first_seq: int, transfers: Sequence[Sequence[Any]]) -> bytes:
-    """PostgreSQL COPY text rows: each transfer's sequence number (from `first_seq`) and fields,
-    tab-separated, one line each. No field is escaped: the caller passes none with a tab, newline or
-    backslash."""
-    return "".join(
-        [
-            f"{seq}\t{tid}\t{debit}\t{credit}\t{amount}\t{code}\t{start}\t{group}\t{flags}\n"
-            for seq, (tid, debit, credit, amount, code, start, group, flags) in enumerate(
-                transfers, first_seq
-            )
-        ]
-    ).encode()
-
-
-def copy_rows(first_seq: int, transfers: Sequence[Sequence[Any]]) -> bytes:
-    """As `python_copy_rows`; compiled when built."""
-    if _native is not None:
-        try:
-            rows: bytes = _native.copy_rows(first_seq, transfers)
-            return rows
-        except (TypeError, OverflowError):
-            pass
-    return python_copy_rows(first_seq, transfers)
-
-
-pair_up_level: Callable[[bytes], bytes] = python_pair_up_level if _native is None else _native.pair_up
+pair_up_level: Callable[[bytes], bytes] = python_pair_up_level if native is None else native.pair_up
 """As `python_pair_up_level`; compiled when built."""
 
 short_hex_digests: Callable[[Sequence[str], int], list[str]] = (
-    python_short_hex_digests if _native is None else _native.short_hex_digests
+    python_short_hex_digests if native is None else native.short_hex_digests
 )
 """As `python_short_hex_digests`; compiled when built."""
 
@@ -175,10 +117,9 @@ short_hex_digests: Callable[[Sequence[str], int], list[str]] = (
 def compact_json(obj: object) -> bytes:
     """`json.dumps(obj, separators=(",", ":")).encode()`; compiled when built, for documents of dicts,
     lists, tuples, ints and printable ASCII text (anything else is written by the json module)."""
-    if _native is not None:
+    if native is not None:
         try:
-            text: bytes = _native.plain_json(obj)
-            return text
+            return native.plain_json(obj)
         except ValueError:
             pass
     return json.dumps(obj, separators=(",", ":")).encode()

@@ -38,6 +38,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import NamedTuple
 
+from services.ledger.domain.hashing import native
+
 MAX_AMOUNT_NANO = 2**63 - 1
 """The largest amount of one transfer and the largest debits or credits total of one account."""
 
@@ -358,11 +360,10 @@ def plan_batch(
     )
 
 
-_add_totals: Callable[[Sequence[Transfer], dict[str, int], dict[str, int]], None] | None
-try:  # the same sums in compiled code, when services/ledger/_native.c was built
-    from services.ledger._native import add_totals as _add_totals
-except ImportError:  # pragma: no cover - a build without a C compiler
-    _add_totals = None
+# The same sums in compiled code, when services/ledger/_native.c was built.
+_add_totals: Callable[[Sequence[Transfer], dict[str, int], dict[str, int]], None] | None = (
+    None if native is None else native.add_totals
+)
 
 
 class GroupTotals:

@@ -48,7 +48,7 @@ from typing import Any, NamedTuple
 import yaml
 
 from services.domain.intervals import DEFAULT_INTERVAL_S, Interval
-from services.ledger.domain.hashing import compact_json, short_hex_digests
+from services.ledger.domain.hashing import compact_json, native, short_hex_digests
 from services.ledger.domain.ledger import (
     ACCOUNT_NAME_PATTERN,
     FLAG_CORRECTION,
@@ -990,15 +990,12 @@ _FIRST = operator.itemgetter(0)
 
 _NATIVE_CODES = (CODE_GRID_FEE, CODE_PURCHASE, CODE_SALE, CODE_DEVIATION, CODE_CONGESTION_RENT)
 _NATIVE_TAGS = tuple(CODE_TAGS[code] for code in _NATIVE_CODES)
-_native_first_transfers: Callable[..., list[Transfer]] | None
-_native_rows_pass: Callable[..., bool] | None
-try:  # the loop of `first_settlement_chunks` and the checks of `validate_rows` in compiled code,
-    # when services/ledger/_native.c was built
-    from services.ledger._native import first_settlement_transfers as _native_first_transfers
-    from services.ledger._native import settlement_rows_pass as _native_rows_pass
-except ImportError:  # pragma: no cover - a build without a C compiler
-    _native_first_transfers = None
-    _native_rows_pass = None
+# The loop of `first_settlement_chunks` and the checks of `validate_rows` in compiled code, when
+# services/ledger/_native.c was built.
+_native_first_transfers: Callable[..., list[Transfer]] | None = (
+    None if native is None else native.first_settlement_transfers
+)
+_native_rows_pass: Callable[..., bool] | None = None if native is None else native.settlement_rows_pass
 
 
 def first_settlement_transfers(

@@ -11,7 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.ledger.domain import hashing
+from services.ledger.adapters import sql
+from services.ledger.domain import chain, hashing
 from services.ledger.domain.chain import chain_heads, leaf_hashes
 
 native: Any = pytest.importorskip("services.ledger._native") if hashing.NATIVE else None
@@ -73,13 +74,13 @@ def test_entry_and_chained_hashes_equal_the_python_ones_for_any_text_and_64_bit_
             continue
         assert native.leaves_and_heads(transfers, previous) == (b"".join(leaves), b"".join(heads))
     native.use_implementation(hashing.NATIVE)
-    assert hashing.leaves_and_heads(transfers, previous) == (b"".join(leaves), b"".join(heads))
+    assert chain.leaves_and_heads(transfers, previous) == (b"".join(leaves), b"".join(heads))
 
 
 def test_fields_the_compiled_module_does_not_write_fall_back_to_python() -> None:
     odd = [("t", "a", "b", True, "c", 2**70, "", -(2**64))]
-    expected = hashing.python_leaves_and_heads(odd, bytes(32))
-    assert hashing.leaves_and_heads(odd, bytes(32)) == expected
+    expected = chain.python_leaves_and_heads(odd, bytes(32))
+    assert chain.leaves_and_heads(odd, bytes(32)) == expected
     assert (
         expected[0]
         == hashlib.sha256(
@@ -169,14 +170,14 @@ def test_account_sums_refuse_a_row_that_is_not_a_transfer_tuple() -> None:
 def test_copy_rows_equal_the_python_ones_line_for_line(
     transfers: list[tuple[Any, ...]], first_seq: int
 ) -> None:
-    expected = hashing.python_copy_rows(first_seq, transfers)
+    expected = sql.python_copy_rows(first_seq, transfers)
     assert native.copy_rows(first_seq, transfers) == expected
-    assert hashing.copy_rows(first_seq, transfers) == expected
+    assert sql.copy_rows(first_seq, transfers) == expected
     assert expected.count(b"\n") >= len(transfers)
 
 
 def test_copy_rows_write_fields_the_compiled_module_does_not_as_python_does() -> None:
-    rows = hashing.copy_rows(7, [("t", "a", "b", True, "c", 2**70, "", 1)])
+    rows = sql.copy_rows(7, [("t", "a", "b", True, "c", 2**70, "", 1)])
     assert rows == f"7\tt\ta\tb\tTrue\tc\t{2**70}\t\t1\n".encode()
 
 
